@@ -1,0 +1,15 @@
+//! dealsift: a gRPC service that says whether news text reports a deal.
+//!
+//! A request flows `service` (gRPC, validation) -> `engine` (tokenize, aggregate) ->
+//! `batcher` (queue, dynamic batches) -> `backend` (`cpu` | `neuron`) -> `model`.
+
+pub mod backend;
+pub mod batcher;
+pub mod client;
+pub mod engine;
+pub mod error;
+pub mod model;
+pub mod proto;
+pub mod server;
+pub mod service;
+pub mod tokenize;

@@ -1,0 +1,225 @@
+//! The `dealsift` command: `serve` runs the gRPC service, `classify` is its client.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use dealsift::batcher::BatcherConfig;
+use dealsift::server::{self, ModelSpec, ServerConfig};
+use dealsift::service::Limits;
+use dealsift::tokenize::LongText;
+
+/// The model shipped in this repository, loaded when no --model-dir is given.
+const DEFAULT_MODEL_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/dealsift-minilm-l6");
+
+#[derive(Parser)]
+#[command(name = "dealsift", version, about = "Does this news text report a deal? A gRPC classification service.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gRPC service.
+    Serve(ServeArgs),
+    /// Classify texts or a file through a running service; prints JSON lines.
+    Classify(ClassifyCli),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LongTextArg {
+    Truncate,
+    ChunkMax,
+    ChunkMean,
+}
+
+impl From<LongTextArg> for LongText {
+    fn from(v: LongTextArg) -> Self {
+        match v {
+            LongTextArg::Truncate => LongText::Truncate,
+            LongTextArg::ChunkMax => LongText::ChunkMax,
+            LongTextArg::ChunkMean => LongText::ChunkMean,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BackendArg {
+    Cpu,
+}
+
+#[derive(Parser)]
+struct ServeArgs {
+    /// Model directory (config.json, model.safetensors, tokenizer.json).
+    #[arg(long, env = "DEALSIFT_MODEL_DIR", default_value = DEFAULT_MODEL_DIR)]
+    model_dir: PathBuf,
+    /// Address to listen on.
+    #[arg(long, env = "DEALSIFT_ADDR", default_value = "0.0.0.0:50051")]
+    addr: SocketAddr,
+    /// Compute backend.
+    #[arg(long, env = "DEALSIFT_BACKEND", value_enum, default_value = "cpu")]
+    backend: BackendArg,
+    /// CPU threads for the model's math (default: all cores).
+    #[arg(long, env = "DEALSIFT_THREADS")]
+    threads: Option<usize>,
+    /// Cap on the model window in tokens (default: what the model was trained for).
+    #[arg(long, env = "DEALSIFT_MAX_SEQUENCE_LENGTH")]
+    max_sequence_length: Option<usize>,
+    /// Padded tokens (rows x longest row) per batch.
+    #[arg(long, env = "DEALSIFT_MAX_BATCH_TOKENS", default_value_t = 8192)]
+    max_batch_tokens: usize,
+    /// Sequences per batch.
+    #[arg(long, env = "DEALSIFT_MAX_BATCH_SIZE", default_value_t = 64)]
+    max_batch_size: usize,
+    /// Sequences waiting in the queue before unary calls get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "DEALSIFT_MAX_QUEUE_SEQUENCES", default_value_t = 4096)]
+    max_queue_sequences: usize,
+    /// Microseconds the oldest queued sequence may wait for a fuller batch.
+    #[arg(long, env = "DEALSIFT_MAX_QUEUE_DELAY_US", default_value_t = 2000)]
+    max_queue_delay_us: u64,
+    /// Documents per Classify call.
+    #[arg(long, env = "DEALSIFT_MAX_DOCUMENTS_PER_REQUEST", default_value_t = 256)]
+    max_documents_per_request: usize,
+    /// Bytes of title + text per document.
+    #[arg(long, env = "DEALSIFT_MAX_DOCUMENT_BYTES", default_value_t = 65536)]
+    max_document_bytes: usize,
+    /// Windows per document when chunking long texts; the rest is flagged truncated.
+    #[arg(long, env = "DEALSIFT_MAX_CHUNKS_PER_DOCUMENT", default_value_t = 16)]
+    max_chunks_per_document: usize,
+    /// Unanswered messages per ClassifyStream before the server stops reading it.
+    #[arg(long, env = "DEALSIFT_MAX_STREAM_IN_FLIGHT", default_value_t = 64)]
+    max_stream_in_flight: usize,
+    /// Largest gRPC message, in bytes.
+    #[arg(long, env = "DEALSIFT_MAX_MESSAGE_BYTES", default_value_t = 32 << 20)]
+    max_message_bytes: usize,
+    /// Default handling of texts longer than the model window.
+    #[arg(long, env = "DEALSIFT_LONG_TEXT", value_enum, default_value = "truncate")]
+    long_text: LongTextArg,
+}
+
+#[derive(Parser)]
+struct ClassifyCli {
+    /// Texts to classify (each one document).
+    texts: Vec<String>,
+    /// A file of documents: JSONL ({"id", "title", "text"}) or plain text, one per line.
+    #[arg(long, short)]
+    file: Option<PathBuf>,
+    /// Server address.
+    #[arg(long, env = "DEALSIFT_SERVER", default_value = "http://127.0.0.1:50051")]
+    server: String,
+    /// Decision threshold on the deal probability (default: the model's).
+    #[arg(long)]
+    threshold: Option<f32>,
+    /// Texts longer than the model window (default: the server's).
+    #[arg(long, value_enum)]
+    long_text: Option<LongTextArg>,
+    /// Documents per call.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DEALSIFT_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Classify(args) => classify(args),
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    if let Some(n) = args.threads {
+        // candle's CPU kernels size their thread pool from this variable on first use.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    let batcher = BatcherConfig {
+        max_batch_tokens: args.max_batch_tokens,
+        max_batch_size: args.max_batch_size,
+        max_queue_sequences: args.max_queue_sequences,
+        max_queue_delay: Duration::from_micros(args.max_queue_delay_us),
+    };
+    let limits = Limits {
+        max_documents_per_request: args.max_documents_per_request,
+        max_document_bytes: args.max_document_bytes,
+        max_chunks_per_document: args.max_chunks_per_document,
+        max_stream_in_flight: args.max_stream_in_flight,
+        default_long_text: args.long_text.into(),
+    };
+    let config = ServerConfig { batcher: batcher.clone(), limits, max_message_bytes: args.max_message_bytes };
+    let spec = ModelSpec { dir: args.model_dir.clone(), max_sequence_length: args.max_sequence_length };
+    let max_chunks = args.max_chunks_per_document;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.addr).await.with_context(|| format!("cannot listen on {}", args.addr))?;
+        tracing::info!(addr = %listener.local_addr()?, model_dir = %spec.dir.display(), "listening; loading model");
+        let load = move |on_fatal| match args.backend {
+            BackendArg::Cpu => server::load_cpu(&spec, batcher, max_chunks, on_fatal),
+        };
+        server::run(listener, load, config, shutdown_signal()).await?;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+fn classify(args: ClassifyCli) -> anyhow::Result<()> {
+    let mut documents: Vec<_> = args
+        .texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| dealsift::proto::Document { id: (i + 1).to_string(), text: t.clone(), title: None })
+        .collect();
+    let progress = args.file.is_some();
+    if let Some(path) = &args.file {
+        documents.extend(dealsift::client::read_documents(path)?);
+    }
+    anyhow::ensure!(!documents.is_empty(), "nothing to classify: pass texts or --file");
+    let long_text = match args.long_text {
+        None => dealsift::proto::LongText::Unspecified,
+        Some(LongTextArg::Truncate) => dealsift::proto::LongText::Truncate,
+        Some(LongTextArg::ChunkMax) => dealsift::proto::LongText::ChunkMax,
+        Some(LongTextArg::ChunkMean) => dealsift::proto::LongText::ChunkMean,
+    };
+    let request = dealsift::client::ClassifyArgs {
+        addr: args.server,
+        documents,
+        batch_size: args.batch_size,
+        threshold: args.threshold,
+        long_text,
+        progress,
+    };
+    let runtime = tokio::runtime::Runtime::new()?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    runtime.block_on(dealsift::client::classify(request, &mut out))?;
+    Ok(())
+}

@@ -1,0 +1,121 @@
+//! `config.json` of a Hugging Face-style model directory, plus dealsift's own
+//! serving metadata kept under the `"dealsift"` key (ignored by `transformers`).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ModelError;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_type_vocab")]
+    pub type_vocab_size: usize,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default)]
+    pub pad_token_id: u32,
+    /// Label names by class index; keys are decimal strings as `transformers` writes them.
+    #[serde(default)]
+    pub id2label: BTreeMap<String, String>,
+    #[serde(default)]
+    pub dealsift: ServingMeta,
+    /// Everything else in the file, written back unchanged when the trainer saves a model.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// What the server needs beyond the architecture: identity, calibration and decision rule.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ServingMeta {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Logits are divided by this before the softmax (temperature scaling, fit on validation data).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    /// Default decision threshold on the deal probability.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<f64>,
+    /// Name of the deal class in `id2label` (default: the label named "deal", any case).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deal_label: Option<String>,
+    /// Window the model was trained for, special tokens included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_sequence_length: Option<usize>,
+}
+
+fn default_act() -> String {
+    "gelu".into()
+}
+fn default_type_vocab() -> usize {
+    2
+}
+fn default_eps() -> f64 {
+    1e-12
+}
+
+impl BertConfig {
+    pub fn from_file(path: &Path) -> Result<Self, ModelError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        let cfg: BertConfig = serde_json::from_str(&text)
+            .map_err(|e| ModelError::Invalid(format!("{}: {e}", path.display())))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ModelError> {
+        if !matches!(self.hidden_act.as_str(), "gelu" | "gelu_new" | "gelu_python") {
+            return Err(ModelError::Invalid(format!(
+                "hidden_act {:?} is not supported (expected gelu)",
+                self.hidden_act
+            )));
+        }
+        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+            return Err(ModelError::Invalid(format!(
+                "hidden_size {} is not divisible by num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            )));
+        }
+        self.labels()?;
+        self.deal_index()?;
+        Ok(())
+    }
+
+    pub fn num_labels(&self) -> usize {
+        self.id2label.len().max(2)
+    }
+
+    /// Label names in class-index order.
+    pub fn labels(&self) -> Result<Vec<String>, ModelError> {
+        if self.id2label.is_empty() {
+            return Err(ModelError::Invalid("config.json has no id2label".into()));
+        }
+        (0..self.id2label.len())
+            .map(|i| {
+                self.id2label.get(&i.to_string()).cloned().ok_or_else(|| {
+                    ModelError::Invalid(format!("id2label must number classes 0..{}; {i} is missing", self.id2label.len()))
+                })
+            })
+            .collect()
+    }
+
+    /// Class index of the deal label.
+    pub fn deal_index(&self) -> Result<usize, ModelError> {
+        let wanted = self.dealsift.deal_label.as_deref().unwrap_or("deal");
+        self.labels()?
+            .iter()
+            .position(|l| l.eq_ignore_ascii_case(wanted))
+            .ok_or_else(|| ModelError::Invalid(format!("id2label has no label named {wanted:?} (set dealsift.deal_label)")))
+    }
+}

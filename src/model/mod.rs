@@ -1,0 +1,7 @@
+//! The model: architecture config, the BERT classifier, and loading a model directory.
+
+pub mod bert;
+pub mod config;
+
+pub use bert::BertClassifier;
+pub use config::BertConfig;

@@ -1,0 +1,180 @@
+//! Server lifecycle: bind, serve health and reflection at once, load and warm the model
+//! in the background, flip health to SERVING, and shut down gracefully.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::Backend;
+use crate::batcher::{Batcher, BatcherConfig};
+use crate::engine::{Admission, Doc, Engine, ModelDir, Options};
+use crate::error::{BackendError, ModelError};
+use crate::proto::deal_classifier_server::DealClassifierServer;
+use crate::service::{DealService, Limits, State};
+use crate::tokenize::{LongText, TextEncoder};
+
+/// Everything `run` needs besides the listener and the model.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub batcher: BatcherConfig,
+    pub limits: Limits,
+    /// Largest request message accepted, in bytes.
+    pub max_message_bytes: usize,
+}
+
+/// Called by a backend executor when the device or runtime fails.
+pub type FatalHook = Arc<dyn Fn(&BackendError) + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("model failed to load: {0}")]
+    Load(#[from] ModelError),
+    #[error("model failed its warm-up: {0}")]
+    Warmup(String),
+    #[error("gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Which backend runs the model.
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    pub dir: PathBuf,
+    /// Caps the model's window (tokens, special tokens included).
+    pub max_sequence_length: Option<usize>,
+}
+
+/// Opens a model directory on the CPU backend and starts its batcher.
+pub fn load_cpu(spec: &ModelSpec, batcher: BatcherConfig, max_chunks: usize, on_fatal: FatalHook) -> Result<Engine, ModelError> {
+    let model = ModelDir::open(&spec.dir, spec.max_sequence_length)?;
+    let backend = CpuBackend::load(&spec.dir, &model.config, batcher.max_batch_size, model.window)?;
+    start_engine(model, vec![Box::new(backend)], batcher, max_chunks, on_fatal)
+}
+
+/// Wires a model directory's tokenizer and already-loaded executors into an engine.
+pub fn start_engine(
+    model: ModelDir,
+    executors: Vec<Box<dyn Backend>>,
+    batcher: BatcherConfig,
+    max_chunks: usize,
+    on_fatal: FatalHook,
+) -> Result<Engine, ModelError> {
+    let max_seq = executors.first().map(|e| e.info().shapes.max_seq()).unwrap_or(0);
+    let window = model.window.min(max_seq);
+    let encoder = TextEncoder::from_file(&model.path.join("tokenizer.json"), window)?;
+    let model = ModelDir { window, ..model };
+    let pad_id = model.config.pad_token_id;
+    let batcher = Batcher::start(executors, batcher, pad_id, on_fatal).map_err(|e| ModelError::Invalid(format!("cannot start executor threads: {e}")))?;
+    Ok(Engine::new(model, encoder, batcher, max_chunks))
+}
+
+/// Serves until `shutdown` resolves (or the model fails to load), then finishes in-flight
+/// work and returns. `load` runs on a blocking thread; health says NOT_SERVING until it
+/// has returned and a warm-up request has passed through the whole pipeline.
+pub async fn run<L>(listener: TcpListener, load: L, config: ServerConfig, shutdown: impl Future<Output = ()>) -> Result<(), ServeError>
+where
+    L: FnOnce(FatalHook) -> Result<Engine, ModelError> + Send + 'static,
+{
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    reporter.set_not_serving::<DealClassifierServer<DealService>>().await;
+    reporter.set_service_status("", ServingStatus::NotServing).await;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Warmup(format!("reflection: {e}")))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| ServeError::Warmup(format!("reflection: {e}")))?;
+
+    let state = Arc::new(State::new(config.limits.clone()));
+    let service = DealClassifierServer::new(DealService::new(state.clone()))
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes);
+
+    let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<ServeError>();
+    let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::unbounded_channel::<BackendError>();
+    let on_fatal: FatalHook = Arc::new(move |e: &BackendError| {
+        let _ = fatal_tx.send(e.clone());
+    });
+
+    let loader_state = state.clone();
+    let loader_reporter = reporter.clone();
+    tokio::spawn(async move {
+        let loaded = tokio::task::spawn_blocking(move || load(on_fatal)).await;
+        let engine = match loaded {
+            Ok(Ok(engine)) => Arc::new(engine),
+            Ok(Err(e)) => {
+                let _ = failed_tx.send(ServeError::Load(e));
+                return;
+            }
+            Err(e) => {
+                let _ = failed_tx.send(ServeError::Warmup(format!("loader panicked: {e}")));
+                return;
+            }
+        };
+        if let Err(e) = warm_up(&engine).await {
+            engine.shutdown();
+            let _ = failed_tx.send(e);
+            return;
+        }
+        loader_state.set_engine(engine.clone());
+        loader_reporter.set_serving::<DealClassifierServer<DealService>>().await;
+        loader_reporter.set_service_status("", ServingStatus::Serving).await;
+        tracing::info!(model = %engine.model.model_id, version = %engine.model.version, backend = engine.batcher().info().name, "serving");
+    });
+
+    let fatal_state = state.clone();
+    let fatal_reporter = reporter.clone();
+    tokio::spawn(async move {
+        if let Some(err) = fatal_rx.recv().await {
+            tracing::error!(error = %err, "backend failed; health is NOT_SERVING");
+            fatal_state.set_failed(err);
+            fatal_reporter.set_not_serving::<DealClassifierServer<DealService>>().await;
+            fatal_reporter.set_service_status("", ServingStatus::NotServing).await;
+        }
+    });
+
+    let mut load_failure = None;
+    let stop = async {
+        tokio::select! {
+            _ = shutdown => tracing::info!("shutting down: finishing in-flight requests"),
+            Ok(err) = failed_rx => load_failure = Some(err),
+        }
+    };
+    Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
+        .await?;
+    if let Some(engine) = state.engine() {
+        engine.shutdown();
+    }
+    match load_failure {
+        Some(err) => Err(err),
+        None => Ok(()),
+    }
+}
+
+/// One real request through tokenizer, batcher and backend before reporting SERVING.
+async fn warm_up(engine: &Engine) -> Result<(), ServeError> {
+    let doc = Doc { id: "warm-up".into(), title: None, text: "Acme Corp agrees to buy Widget Inc for $1 billion.".into() };
+    let options = Options { threshold: 0.5, long_text: LongText::Truncate };
+    let deadline = Some(std::time::Instant::now() + Duration::from_secs(300));
+    engine
+        .classify(vec![doc], options, deadline, Admission::Wait)
+        .await
+        .map(|_| ())
+        .map_err(|e| ServeError::Warmup(e.to_string()))
+}

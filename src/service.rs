@@ -1,0 +1,296 @@
+//! The `dealsift.v1.DealClassifier` gRPC service: validation, deadlines, status codes.
+
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt};
+use tonic::metadata::MetadataMap;
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use crate::engine::{Admission, Doc, Engine, EngineError, Options};
+use crate::error::BackendError;
+use crate::proto::{
+    self, classify_stream_response::Outcome, deal_classifier_server::DealClassifier, ClassifyRequest, ClassifyResponse,
+    ClassifyStreamRequest, ClassifyStreamResponse, GetModelInfoRequest, ItemError, ModelInfo,
+};
+use crate::tokenize::LongText;
+
+/// Per-request limits, all configurable (see `dealsift serve --help`).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_documents_per_request: usize,
+    pub max_document_bytes: usize,
+    pub max_chunks_per_document: usize,
+    pub max_stream_in_flight: usize,
+    pub default_long_text: LongText,
+}
+
+/// Shared by the gRPC handlers and the server's lifecycle tasks.
+pub struct State {
+    engine: OnceLock<Arc<Engine>>,
+    /// Set when a backend reports a device or runtime failure.
+    failure: OnceLock<BackendError>,
+    limits: Limits,
+}
+
+impl State {
+    pub fn new(limits: Limits) -> Self {
+        Self { engine: OnceLock::new(), failure: OnceLock::new(), limits }
+    }
+
+    pub fn set_engine(&self, engine: Arc<Engine>) {
+        let _ = self.engine.set(engine);
+    }
+
+    pub fn engine(&self) -> Option<&Arc<Engine>> {
+        self.engine.get()
+    }
+
+    pub fn set_failed(&self, err: BackendError) {
+        let _ = self.failure.set(err);
+    }
+
+    fn ready(&self) -> Result<&Arc<Engine>, Status> {
+        if let Some(err) = self.failure.get() {
+            return Err(Status::unavailable(format!("backend failed and is not serving: {err}; the server needs a restart")));
+        }
+        self.engine.get().ok_or_else(|| Status::unavailable("model is still loading; wait for grpc.health.v1 SERVING and retry"))
+    }
+}
+
+#[derive(Clone)]
+pub struct DealService {
+    state: Arc<State>,
+}
+
+impl DealService {
+    pub fn new(state: Arc<State>) -> Self {
+        Self { state }
+    }
+}
+
+/// Margin by which our own deadline precedes the client's: tonic cancels the call at the
+/// client's deadline, so answering DEADLINE_EXCEEDED ourselves must happen just before.
+fn deadline_margin(timeout: Duration) -> Duration {
+    (timeout / 10).clamp(Duration::from_millis(2), Duration::from_millis(20))
+}
+
+/// The call's deadline from the `grpc-timeout` header, less the margin.
+fn deadline(metadata: &MetadataMap, start: Instant) -> Option<Instant> {
+    let timeout = parse_grpc_timeout(metadata.get("grpc-timeout")?.to_str().ok()?)?;
+    Some(start + timeout.saturating_sub(deadline_margin(timeout)))
+}
+
+/// `grpc-timeout` is up to 8 digits and a unit: H, M, S, m (ms), u (us), n (ns).
+fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+fn options(raw: Option<&proto::ClassifyOptions>, engine: &Engine, limits: &Limits) -> Result<Options, Status> {
+    let default = proto::ClassifyOptions::default();
+    let raw = raw.unwrap_or(&default);
+    let threshold = raw.threshold.unwrap_or(engine.model.threshold);
+    if !(0.0..=1.0).contains(&threshold) {
+        return Err(Status::invalid_argument(format!("options.threshold is {threshold}; it must be within [0, 1]")));
+    }
+    let long_text = match proto::LongText::try_from(raw.long_text) {
+        Ok(proto::LongText::Unspecified) => limits.default_long_text,
+        Ok(proto::LongText::Truncate) => LongText::Truncate,
+        Ok(proto::LongText::ChunkMax) => LongText::ChunkMax,
+        Ok(proto::LongText::ChunkMean) => LongText::ChunkMean,
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "options.long_text = {} is not a LongText value; use 1 (TRUNCATE), 2 (CHUNK_MAX) or 3 (CHUNK_MEAN)",
+                raw.long_text
+            )))
+        }
+    };
+    Ok(Options { threshold, long_text })
+}
+
+fn document(raw: proto::Document, field: &str, limits: &Limits) -> Result<Doc, Status> {
+    if raw.text.trim().is_empty() {
+        return Err(Status::invalid_argument(format!("{field}.text is empty or whitespace; send the news text to classify")));
+    }
+    let bytes = raw.text.len() + raw.title.as_ref().map_or(0, String::len);
+    if bytes > limits.max_document_bytes {
+        return Err(Status::invalid_argument(format!(
+            "{field} is {bytes} bytes (title + text); the limit is {} bytes (server flag --max-document-bytes): send the lede or split the text",
+            limits.max_document_bytes
+        )));
+    }
+    Ok(Doc { id: raw.id, title: raw.title, text: raw.text })
+}
+
+impl From<EngineError> for Status {
+    fn from(e: EngineError) -> Self {
+        let code = match &e {
+            EngineError::QueueFull(_) => Code::ResourceExhausted,
+            EngineError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            EngineError::TooLarge { .. } => Code::InvalidArgument,
+            EngineError::Tokenizer(_) => Code::Internal,
+            EngineError::Backend(BackendError::InvalidInput(_)) => Code::InvalidArgument,
+            EngineError::Backend(BackendError::Timeout(_) | BackendError::Fatal(_)) => Code::Unavailable,
+            EngineError::Backend(BackendError::Inference(_)) => Code::Internal,
+            EngineError::ShuttingDown => Code::Unavailable,
+        };
+        let message = match &e {
+            EngineError::QueueFull(q) => format!("{q}; retry with backoff, or raise --max-queue-sequences"),
+            other => other.to_string(),
+        };
+        Status::new(code, message)
+    }
+}
+
+type ResultStream = Pin<Box<dyn Stream<Item = Result<ClassifyStreamResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl DealClassifier for DealService {
+    async fn classify(&self, request: Request<ClassifyRequest>) -> Result<Response<ClassifyResponse>, Status> {
+        let deadline = deadline(request.metadata(), Instant::now());
+        let engine = self.state.ready()?.clone();
+        let limits = &self.state.limits;
+        let req = request.into_inner();
+        if req.documents.is_empty() {
+            return Err(Status::invalid_argument("documents is empty; send at least one document"));
+        }
+        if req.documents.len() > limits.max_documents_per_request {
+            return Err(Status::invalid_argument(format!(
+                "{} documents in one call; the limit is {} (server flag --max-documents-per-request): split the call or use ClassifyStream",
+                req.documents.len(),
+                limits.max_documents_per_request
+            )));
+        }
+        let options = options(req.options.as_ref(), &engine, limits)?;
+        let docs = req
+            .documents
+            .into_iter()
+            .enumerate()
+            .map(|(i, d)| document(d, &format!("documents[{i}]"), limits))
+            .collect::<Result<Vec<_>, _>>()?;
+        let results = engine.classify(docs, options, deadline, Admission::FailFast).await?;
+        Ok(Response::new(ClassifyResponse {
+            results,
+            model_id: engine.model.model_id.clone(),
+            model_version: engine.model.version.clone(),
+        }))
+    }
+
+    type ClassifyStreamStream = ResultStream;
+
+    async fn classify_stream(&self, request: Request<Streaming<ClassifyStreamRequest>>) -> Result<Response<ResultStream>, Status> {
+        let deadline = deadline(request.metadata(), Instant::now());
+        let engine = self.state.ready()?.clone();
+        let state = self.state.clone();
+        let in_flight = state.limits.max_stream_in_flight.max(1);
+        // `buffered` answers in request order and stops pulling requests when `in_flight`
+        // are unanswered: HTTP/2 flow control then pushes back on the client.
+        let out = request
+            .into_inner()
+            .map(move |item| {
+                let (engine, state) = (engine.clone(), state.clone());
+                async move {
+                    let msg = item?;
+                    let id = msg.document.as_ref().map(|d| d.id.clone()).unwrap_or_default();
+                    let outcome = match classify_item(msg, &engine, &state.limits, deadline).await {
+                        Ok(result) => Outcome::Result(result),
+                        Err(status) => Outcome::Error(ItemError { code: status.code() as i32, message: status.message().to_string() }),
+                    };
+                    Ok(ClassifyStreamResponse {
+                        outcome: Some(outcome),
+                        model_id: engine.model.model_id.clone(),
+                        model_version: engine.model.version.clone(),
+                        id,
+                    })
+                }
+            })
+            .buffered(in_flight);
+        Ok(Response::new(Box::pin(out)))
+    }
+
+    async fn get_model_info(&self, _request: Request<GetModelInfoRequest>) -> Result<Response<ModelInfo>, Status> {
+        let engine = self.state.ready()?;
+        Ok(Response::new(model_info(engine, &self.state.limits)))
+    }
+}
+
+async fn classify_item(msg: ClassifyStreamRequest, engine: &Engine, limits: &Limits, deadline: Option<Instant>) -> Result<proto::DocumentResult, Status> {
+    let options = options(msg.options.as_ref(), engine, limits)?;
+    let doc = document(msg.document.unwrap_or_default(), "document", limits)?;
+    let mut results = engine.classify(vec![doc], options, deadline, Admission::Wait).await?;
+    results.pop().ok_or_else(|| Status::internal("no result for the document"))
+}
+
+fn model_info(engine: &Engine, limits: &Limits) -> ModelInfo {
+    let batcher = engine.batcher();
+    let config = batcher.config();
+    let buckets = match &batcher.info().shapes {
+        crate::backend::Shapes::Any { .. } => Vec::new(),
+        crate::backend::Shapes::Buckets(b) => {
+            b.iter().map(|b| proto::Bucket { batch_size: b.batch as u32, sequence_length: b.seq as u32 }).collect()
+        }
+    };
+    let default_long_text = match limits.default_long_text {
+        LongText::Truncate => proto::LongText::Truncate,
+        LongText::ChunkMax => proto::LongText::ChunkMax,
+        LongText::ChunkMean => proto::LongText::ChunkMean,
+    };
+    ModelInfo {
+        model_id: engine.model.model_id.clone(),
+        model_version: engine.model.version.clone(),
+        labels: engine.model.labels.clone(),
+        max_sequence_length: engine.model.window as u32,
+        backend: batcher.info().name.to_string(),
+        default_threshold: engine.model.threshold,
+        default_long_text: default_long_text as i32,
+        limits: Some(proto::Limits {
+            max_documents_per_request: limits.max_documents_per_request as u32,
+            max_document_bytes: limits.max_document_bytes as u32,
+            max_batch_tokens: config.max_batch_tokens as u32,
+            max_batch_size: config.max_batch_size as u32,
+            max_queue_sequences: config.max_queue_sequences as u32,
+            max_queue_delay_us: config.max_queue_delay.as_micros() as u32,
+            max_chunks_per_document: limits.max_chunks_per_document as u32,
+            max_stream_in_flight: limits.max_stream_in_flight as u32,
+        }),
+        buckets,
+        executors: batcher.executors() as u32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_units() {
+        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("5u"), Some(Duration::from_micros(5)));
+        assert_eq!(parse_grpc_timeout("m"), None);
+        assert_eq!(parse_grpc_timeout("123456789S"), None);
+        assert_eq!(parse_grpc_timeout("10x"), None);
+    }
+
+    #[test]
+    fn margin_is_bounded() {
+        assert_eq!(deadline_margin(Duration::from_millis(5)), Duration::from_millis(2));
+        assert_eq!(deadline_margin(Duration::from_millis(100)), Duration::from_millis(10));
+        assert_eq!(deadline_margin(Duration::from_secs(30)), Duration::from_millis(20));
+    }
+}

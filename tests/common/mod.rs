@@ -1,0 +1,194 @@
+//! A real server on port 0 with the fixture model, and backends that misbehave on purpose.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dealsift::backend::cpu::CpuBackend;
+use dealsift::backend::{Backend, BackendInfo, Batch};
+use dealsift::batcher::BatcherConfig;
+use dealsift::engine::{Engine, ModelDir};
+use dealsift::error::{BackendError, ModelError};
+use dealsift::proto::deal_classifier_client::DealClassifierClient;
+use dealsift::proto::{ClassifyRequest, Document};
+use dealsift::server::{self, FatalHook, ServeError, ServerConfig};
+use dealsift::service::Limits;
+use dealsift::tokenize::LongText;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::{health_check_response::ServingStatus, HealthCheckRequest};
+
+pub fn fixture_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-bert")
+}
+
+pub fn config() -> ServerConfig {
+    ServerConfig {
+        batcher: BatcherConfig {
+            max_batch_tokens: 4096,
+            max_batch_size: 32,
+            max_queue_sequences: 1024,
+            max_queue_delay: Duration::from_millis(2),
+        },
+        limits: Limits {
+            max_documents_per_request: 64,
+            max_document_bytes: 4096,
+            max_chunks_per_document: 8,
+            max_stream_in_flight: 16,
+            default_long_text: LongText::Truncate,
+        },
+        max_message_bytes: 4 << 20,
+    }
+}
+
+/// The fixture model behind `wrap`, which may slow it down or make it fail.
+pub fn loader(
+    config: &ServerConfig,
+    wrap: impl FnOnce(CpuBackend) -> Box<dyn Backend> + Send + 'static,
+) -> impl FnOnce(FatalHook) -> Result<Engine, ModelError> + Send + 'static {
+    let batcher = config.batcher.clone();
+    let max_chunks = config.limits.max_chunks_per_document;
+    move |on_fatal| {
+        let model = ModelDir::open(&fixture_dir(), Some(128))?;
+        let cpu = CpuBackend::load(&fixture_dir(), &model.config, batcher.max_batch_size, model.window)?;
+        server::start_engine(model, vec![wrap(cpu)], batcher, max_chunks, on_fatal)
+    }
+}
+
+pub fn plain(cpu: CpuBackend) -> Box<dyn Backend> {
+    Box::new(cpu)
+}
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: JoinHandle<Result<(), ServeError>>,
+}
+
+impl TestServer {
+    pub async fn start<L>(config: ServerConfig, load: L) -> Self
+    where
+        L: FnOnce(FatalHook) -> Result<Engine, ModelError> + Send + 'static,
+    {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(server::run(listener, load, config, async {
+            let _ = rx.await;
+        }));
+        Self { addr, shutdown: Some(tx), handle }
+    }
+
+    /// Starts the fixture model and waits until health says SERVING.
+    pub async fn ready() -> Self {
+        Self::ready_with(config(), plain).await
+    }
+
+    pub async fn ready_with(config: ServerConfig, wrap: impl FnOnce(CpuBackend) -> Box<dyn Backend> + Send + 'static) -> Self {
+        let load = loader(&config, wrap);
+        let server = Self::start(config, load).await;
+        server.wait_serving().await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url()).unwrap().connect().await.unwrap()
+    }
+
+    pub async fn client(&self) -> DealClassifierClient<Channel> {
+        DealClassifierClient::connect(self.url()).await.unwrap()
+    }
+
+    pub async fn health(&self) -> ServingStatus {
+        let mut client = HealthClient::new(self.channel().await);
+        let req = HealthCheckRequest { service: "dealsift.v1.DealClassifier".into() };
+        let status = client.check(req).await.unwrap().into_inner().status;
+        ServingStatus::try_from(status).unwrap()
+    }
+
+    pub async fn wait_serving(&self) {
+        for _ in 0..500 {
+            if self.health().await == ServingStatus::Serving {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("server never became SERVING");
+    }
+
+    /// Graceful shutdown; returns what `run` returned.
+    pub async fn stop(mut self) -> Result<(), ServeError> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.handle.await.unwrap()
+    }
+}
+
+pub fn doc(id: &str, text: &str) -> Document {
+    Document { id: id.into(), text: text.into(), title: None }
+}
+
+pub fn request(docs: Vec<Document>) -> ClassifyRequest {
+    ClassifyRequest { documents: docs, options: None }
+}
+
+pub const HEADLINES: &[&str] = &[
+    "Microsoft agrees to acquire Activision Blizzard for $68.7 billion in cash",
+    "Stripe raises $6.5 billion in Series I funding at a $50 billion valuation",
+    "Apple unveils new iPhone with faster chip and better camera",
+    "Oil prices slip as investors weigh demand outlook",
+    "Arm Holdings prices IPO at $51 a share, valuing chip designer at $54.5 billion",
+    "Amazon and Anthropic sign multi-year cloud deal worth billions",
+    "Central bank holds interest rates steady amid inflation worries",
+    "Local team wins championship after dramatic overtime finish",
+];
+
+/// A backend that holds each batch for `delay` and counts the rows it computed.
+pub struct Slow {
+    pub inner: CpuBackend,
+    pub delay: Duration,
+    pub rows: Arc<AtomicUsize>,
+}
+
+impl Backend for Slow {
+    fn info(&self) -> BackendInfo {
+        self.inner.info()
+    }
+    fn predict(&mut self, batch: &Batch) -> Result<Vec<Vec<f32>>, BackendError> {
+        std::thread::sleep(self.delay);
+        let real_rows = (0..batch.rows).filter(|r| batch.attention_mask[r * batch.seq + 1] == 1).count();
+        self.rows.fetch_add(real_rows, Ordering::SeqCst);
+        self.inner.predict(batch)
+    }
+}
+
+/// A backend that fails every batch with `error`.
+pub struct Failing {
+    pub inner: CpuBackend,
+    pub error: BackendError,
+    /// Batches to pass before failing (the warm-up needs one).
+    pub pass: usize,
+}
+
+impl Backend for Failing {
+    fn info(&self) -> BackendInfo {
+        self.inner.info()
+    }
+    fn predict(&mut self, batch: &Batch) -> Result<Vec<Vec<f32>>, BackendError> {
+        if self.pass > 0 {
+            self.pass -= 1;
+            return self.inner.predict(batch);
+        }
+        Err(self.error.clone())
+    }
+}

@@ -1,0 +1,316 @@
+//! The gRPC service end to end: a real server on port 0, driven by generated clients.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use dealsift::error::BackendError;
+use dealsift::proto::{classify_stream_response::Outcome, ClassifyOptions, ClassifyStreamRequest, GetModelInfoRequest, Label};
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+#[tokio::test]
+async fn classifies_one_and_many_documents() {
+    let server = TestServer::ready().await;
+    let mut client = server.client().await;
+
+    let one = client.classify(request(vec![doc("a", HEADLINES[0])])).await.unwrap().into_inner();
+    assert_eq!(one.results.len(), 1);
+    assert_eq!(one.model_id, "tiny-bert");
+    assert!(!one.model_version.is_empty());
+    let r = &one.results[0];
+    assert_eq!(r.id, "a");
+    assert!((0.0..=1.0).contains(&r.deal_probability));
+    let labels: Vec<_> = r.scores.iter().map(|s| s.label.as_str()).collect();
+    assert_eq!(labels, ["non_deal", "deal"]);
+    assert!((r.scores.iter().map(|s| s.score).sum::<f32>() - 1.0).abs() < 1e-5);
+    assert_eq!(r.scores[1].score, r.deal_probability);
+    let expected = if r.deal_probability >= 0.5 { Label::Deal } else { Label::NonDeal };
+    assert_eq!(r.label, expected as i32);
+    assert!(r.token_count > 5 && r.chunks == 1 && !r.truncated);
+    assert!(r.timing.is_some());
+
+    let docs = HEADLINES.iter().enumerate().map(|(i, t)| doc(&format!("d{i}"), t)).collect();
+    let many = client.classify(request(docs)).await.unwrap().into_inner();
+    let ids: Vec<_> = many.results.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids, ["d0", "d1", "d2", "d3", "d4", "d5", "d6", "d7"]);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn batched_result_equals_single_result() {
+    let server = TestServer::ready().await;
+    let mut client = server.client().await;
+    let docs: Vec<_> = HEADLINES.iter().enumerate().map(|(i, t)| doc(&i.to_string(), t)).collect();
+    let batched = client.classify(request(docs.clone())).await.unwrap().into_inner().results;
+    for (d, b) in docs.into_iter().zip(&batched) {
+        let single = client.classify(request(vec![d])).await.unwrap().into_inner().results.remove(0);
+        assert!((single.deal_probability - b.deal_probability).abs() < 1e-5, "{}: {} vs {}", b.id, single.deal_probability, b.deal_probability);
+        assert_eq!(single.label, b.label);
+        assert_eq!(single.token_count, b.token_count);
+    }
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn threshold_decides_the_label() {
+    let server = TestServer::ready().await;
+    let mut client = server.client().await;
+    for (threshold, label) in [(0.0, Label::Deal), (1.0, Label::NonDeal)] {
+        let mut req = request(vec![doc("x", HEADLINES[2])]);
+        req.options = Some(ClassifyOptions { threshold: Some(threshold), long_text: 0 });
+        let r = client.classify(req).await.unwrap().into_inner().results.remove(0);
+        // A probability of exactly 1.0 is impossible for a softmax over finite logits.
+        assert_eq!(r.label, label as i32, "threshold {threshold}, p {}", r.deal_probability);
+    }
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn long_text_truncates_or_chunks() {
+    let server = TestServer::ready().await;
+    let mut client = server.client().await;
+    let long = HEADLINES.join(". ").repeat(3);
+    let mut results = Vec::new();
+    for mode in 1..=3 {
+        let mut req = request(vec![doc("long", &long)]);
+        req.options = Some(ClassifyOptions { threshold: None, long_text: mode });
+        results.push(client.classify(req).await.unwrap().into_inner().results.remove(0));
+    }
+    let (truncated, chunk_max, chunk_mean) = (&results[0], &results[1], &results[2]);
+    assert!(truncated.truncated && truncated.chunks == 1);
+    assert!(chunk_max.chunks > 1 && !chunk_max.truncated);
+    assert_eq!(chunk_max.chunks, chunk_mean.chunks);
+    assert!(chunk_max.deal_probability >= chunk_mean.deal_probability - 1e-6);
+    assert_eq!(truncated.token_count, chunk_max.token_count);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn stream_answers_in_request_order() {
+    let server = TestServer::ready().await;
+    let mut client = server.client().await;
+    // Mixed lengths so the batcher reorders work internally.
+    let items: Vec<_> = (0..60)
+        .map(|i| {
+            let text = HEADLINES[i % HEADLINES.len()].repeat(1 + (i * 7) % 5);
+            ClassifyStreamRequest { document: Some(doc(&format!("s{i}"), &text)), options: None }
+        })
+        .collect();
+    let mut bad = items.clone();
+    bad[10].document = Some(doc("s10", "   "));
+    let responses: Vec<_> = {
+        use futures::StreamExt;
+        let out = client.classify_stream(futures::stream::iter(bad)).await.unwrap().into_inner();
+        out.collect::<Vec<_>>().await
+    };
+    assert_eq!(responses.len(), 60);
+    for (i, r) in responses.into_iter().enumerate() {
+        let r = r.unwrap();
+        assert_eq!(r.id, format!("s{i}"));
+        match r.outcome.unwrap() {
+            Outcome::Result(res) => assert_eq!(res.id, format!("s{i}")),
+            Outcome::Error(e) => {
+                assert_eq!(i, 10, "only the blank item fails");
+                assert_eq!(e.code, Code::InvalidArgument as i32);
+            }
+        }
+    }
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn health_goes_from_not_serving_to_serving() {
+    let config = config();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let inner = loader(&config, plain);
+    let gated = move |hook| {
+        go_rx.recv().unwrap();
+        inner(hook)
+    };
+    let server = TestServer::start(config, gated).await;
+    assert_eq!(server.health().await, ServingStatus::NotServing);
+    let err = server.client().await.classify(request(vec![doc("a", "text")])).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(err.message().contains("loading"), "{}", err.message());
+
+    go_tx.send(()).unwrap();
+    server.wait_serving().await;
+    let info = server.client().await.get_model_info(GetModelInfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.labels, ["non_deal", "deal"]);
+    assert_eq!(info.backend, "cpu");
+    assert_eq!(info.max_sequence_length, 128);
+    assert_eq!(info.executors, 1);
+    assert_eq!(info.limits.unwrap().max_documents_per_request, 64);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn reflection_lists_the_services() {
+    use tonic_reflection::pb::v1::{server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest, server_reflection_response::MessageResponse, ServerReflectionRequest};
+    let server = TestServer::ready().await;
+    let mut client = ServerReflectionClient::new(server.channel().await);
+    let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let mut responses = client.server_reflection_info(futures::stream::iter(vec![req])).await.unwrap().into_inner();
+    let first = responses.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = first.message_response else { panic!("unexpected reply") };
+    let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+    for wanted in ["dealsift.v1.DealClassifier", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"] {
+        assert!(names.iter().any(|n| n == wanted), "{wanted} missing from {names:?}");
+    }
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_input_is_invalid_argument_with_a_fix() {
+    let server = TestServer::ready().await;
+    let mut client = server.client().await;
+    let too_many = (0..65).map(|i| doc(&i.to_string(), "text")).collect();
+    let cases: Vec<(&str, dealsift::proto::ClassifyRequest, &str)> = vec![
+        ("no documents", request(vec![]), "at least one document"),
+        ("empty text", request(vec![doc("a", "")]), "documents[0].text is empty"),
+        ("whitespace text", request(vec![doc("a", "ok"), doc("b", " \n\t ")]), "documents[1].text is empty"),
+        ("too many documents", request(too_many), "limit is 64"),
+        ("text over the byte limit", request(vec![doc("a", &"x".repeat(5000))]), "--max-document-bytes"),
+        ("threshold above 1", with_options(Some(1.5), 0), "within [0, 1]"),
+        ("threshold below 0", with_options(Some(-0.1), 0), "within [0, 1]"),
+        ("threshold NaN", with_options(Some(f32::NAN), 0), "within [0, 1]"),
+        ("unknown long_text", with_options(None, 9), "not a LongText value"),
+    ];
+    for (what, req, hint) in cases {
+        let err = client.classify(req).await.expect_err(what);
+        assert_eq!(err.code(), Code::InvalidArgument, "{what}: {err:?}");
+        assert!(err.message().contains(hint), "{what}: message {:?} lacks {hint:?}", err.message());
+    }
+    // The server is still healthy and answering.
+    client.classify(request(vec![doc("a", HEADLINES[0])])).await.unwrap();
+    server.stop().await.unwrap();
+}
+
+fn with_options(threshold: Option<f32>, long_text: i32) -> dealsift::proto::ClassifyRequest {
+    let mut req = request(vec![doc("a", HEADLINES[0])]);
+    req.options = Some(ClassifyOptions { threshold, long_text });
+    req
+}
+
+#[tokio::test]
+async fn deadline_shorter_than_queue_wait_is_deadline_exceeded() {
+    let rows = Arc::new(AtomicUsize::new(0));
+    let counter = rows.clone();
+    let server = TestServer::ready_with(config(), move |cpu| Box::new(Slow { inner: cpu, delay: Duration::from_millis(400), rows: counter })).await;
+    let mut busy = server.client().await;
+    let blocker = tokio::spawn(async move { busy.classify(request(vec![doc("busy", HEADLINES[0])])).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    let mut req = tonic::Request::new(request(vec![doc("late", HEADLINES[1])]));
+    req.set_timeout(Duration::from_millis(100));
+    let err = server.client().await.classify(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    blocker.await.unwrap().unwrap();
+    // The expired document was dropped before compute: only the warm-up and the blocker ran.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(rows.load(Ordering::SeqCst), 2);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn full_queue_is_resource_exhausted() {
+    let mut config = config();
+    config.batcher.max_queue_sequences = 4;
+    let rows = Arc::new(AtomicUsize::new(0));
+    let server = TestServer::ready_with(config, move |cpu| Box::new(Slow { inner: cpu, delay: Duration::from_millis(300), rows })).await;
+    let docs = |n: usize| (0..n).map(|i| doc(&i.to_string(), HEADLINES[i])).collect::<Vec<_>>();
+    let mut first = server.client().await;
+    let held = tokio::spawn(async move { first.classify(request(docs(3))).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let err = server.client().await.classify(request(docs(3))).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("retry"), "{}", err.message());
+    assert_eq!(held.await.unwrap().unwrap().into_inner().results.len(), 3);
+    // More windows than the queue could ever hold is the caller's to fix.
+    let err = server.client().await.classify(request(docs(5))).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn work_of_a_client_that_went_away_is_dropped() {
+    let rows = Arc::new(AtomicUsize::new(0));
+    let counter = rows.clone();
+    let server = TestServer::ready_with(config(), move |cpu| Box::new(Slow { inner: cpu, delay: Duration::from_millis(300), rows: counter })).await;
+    let mut busy = server.client().await;
+    let blocker = tokio::spawn(async move { busy.classify(request(vec![doc("busy", HEADLINES[0])])).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut gone = server.client().await;
+    let abandoned = tokio::spawn(async move { gone.classify(request(vec![doc("gone", HEADLINES[1])])).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    abandoned.abort();
+    blocker.await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(rows.load(Ordering::SeqCst), 2, "warm-up and blocker only");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn two_hundred_concurrent_requests_are_all_answered() {
+    let server = TestServer::ready().await;
+    let client = server.client().await;
+    let calls = (0..200).map(|i| {
+        let mut client = client.clone();
+        async move {
+            let text = format!("{} ({i})", HEADLINES[i % HEADLINES.len()]);
+            client.classify(request(vec![doc(&i.to_string(), &text)])).await.map(|r| r.into_inner().results.remove(0).id)
+        }
+    });
+    let answers = futures::future::join_all(calls).await;
+    for (i, a) in answers.into_iter().enumerate() {
+        assert_eq!(a.unwrap(), i.to_string());
+    }
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn backend_failure_marks_not_serving_and_is_unavailable() {
+    let server = TestServer::ready_with(config(), |cpu| {
+        Box::new(Failing { inner: cpu, error: BackendError::Fatal("device lost".into()), pass: 1 })
+    })
+    .await;
+    let mut client = server.client().await;
+    let err = client.classify(request(vec![doc("a", HEADLINES[0])])).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("device lost"));
+    for _ in 0..100 {
+        if server.health().await == ServingStatus::NotServing {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(server.health().await, ServingStatus::NotServing);
+    let err = client.classify(request(vec![doc("a", HEADLINES[0])])).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_finishes_in_flight_work() {
+    let rows = Arc::new(AtomicUsize::new(0));
+    let server = TestServer::ready_with(config(), move |cpu| Box::new(Slow { inner: cpu, delay: Duration::from_millis(300), rows })).await;
+    let mut client = server.client().await;
+    let in_flight = tokio::spawn(async move { client.classify(request(vec![doc("a", HEADLINES[0])])).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    server.stop().await.unwrap();
+    assert_eq!(in_flight.await.unwrap().unwrap().into_inner().results.len(), 1);
+}
+
+#[tokio::test]
+async fn missing_model_fails_the_server_with_a_clear_error() {
+    let mut config = config();
+    config.limits.max_documents_per_request = 1;
+    let load = |_hook| dealsift::engine::ModelDir::open(std::path::Path::new("/nonexistent/model"), None).map(|_| unreachable!());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = dealsift::server::run(listener, load, config, std::future::pending()).await.unwrap_err();
+    assert!(err.to_string().contains("/nonexistent/model/config.json"), "{err}");
+}
