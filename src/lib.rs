@@ -6,10 +6,14 @@
 pub mod backend;
 pub mod batcher;
 pub mod client;
+pub mod data;
 pub mod engine;
 pub mod error;
+pub mod eval;
+pub mod metrics;
 pub mod model;
 pub mod proto;
 pub mod server;
 pub mod service;
 pub mod tokenize;
+pub mod train;

@@ -27,6 +27,87 @@ enum Command {
     Serve(ServeArgs),
     /// Classify texts or a file through a running service; prints JSON lines.
     Classify(ClassifyCli),
+    /// Fine-tune the deal classifier from a pretrained encoder (see models/*/MODEL_CARD.md).
+    Train(TrainArgs),
+    /// Score the test sets and report precision, recall, F1, ROC-AUC and the worst errors.
+    Eval(EvalArgs),
+}
+
+#[derive(Parser)]
+struct TrainArgs {
+    /// Pretrained encoder directory (tools/fetch_base_model.sh puts all-MiniLM-L6-v2 here).
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/target/base-model/all-MiniLM-L6-v2"))]
+    base_model: PathBuf,
+    /// Output model directory.
+    #[arg(long, default_value = DEFAULT_MODEL_DIR)]
+    out: PathBuf,
+    /// Shared data sets (Reuters-21578, twitter topics, modern pools).
+    #[arg(long, env = "DEALSIFT_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Modern labels file.
+    #[arg(long)]
+    labels: Option<PathBuf>,
+    #[arg(long, default_value_t = 20261126)]
+    seed: u64,
+    #[arg(long, default_value_t = 2)]
+    epochs: usize,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Window in tokens, special tokens included (also what the server reads by default).
+    #[arg(long, default_value_t = 128)]
+    max_len: usize,
+    #[arg(long, default_value_t = 1e-4)]
+    learning_rate: f64,
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f64,
+    #[arg(long, default_value_t = 0.06)]
+    warmup_fraction: f64,
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// Loss weight of deal examples (class imbalance).
+    #[arg(long, default_value_t = 2.0)]
+    deal_weight: f64,
+    /// Cap a training source per epoch, keeping all its deals: SOURCE=N (reuters, twitter, modern).
+    #[arg(long = "limit", value_parser = parse_limit)]
+    limits: Vec<(String, usize)>,
+    #[arg(long, default_value = "dealsift-minilm-l6")]
+    model_id: String,
+    #[arg(long, default_value = "1.0.0")]
+    version: String,
+    /// CPU threads (default: all cores).
+    #[arg(long, env = "DEALSIFT_THREADS")]
+    threads: Option<usize>,
+}
+
+fn parse_limit(s: &str) -> Result<(String, usize), String> {
+    let (name, n) = s.split_once('=').ok_or("expected SOURCE=N")?;
+    Ok((name.to_string(), n.parse().map_err(|e| format!("{n}: {e}"))?))
+}
+
+#[derive(Parser)]
+struct EvalArgs {
+    /// Model directory, scored in process (ignored with --server).
+    #[arg(long, env = "DEALSIFT_MODEL_DIR", default_value = DEFAULT_MODEL_DIR)]
+    model_dir: PathBuf,
+    /// Score through a running server instead (e.g. http://127.0.0.1:50051).
+    #[arg(long)]
+    server: Option<String>,
+    #[arg(long, env = "DEALSIFT_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    #[arg(long)]
+    labels: Option<PathBuf>,
+    /// Test sets to score.
+    #[arg(long, value_delimiter = ',', default_value = "reuters,twitter,modern")]
+    sets: Vec<String>,
+    /// Decision threshold (default: the model's calibrated one).
+    #[arg(long)]
+    threshold: Option<f32>,
+    /// Worst errors listed per set.
+    #[arg(long, default_value_t = 10)]
+    worst: usize,
+    /// Also write the full report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -132,6 +213,8 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Classify(args) => classify(args),
+        Command::Train(args) => train(args),
+        Command::Eval(args) => eval(args),
     }
 }
 
@@ -222,4 +305,84 @@ fn classify(args: ClassifyCli) -> anyhow::Result<()> {
     let mut out = std::io::BufWriter::new(stdout.lock());
     runtime.block_on(dealsift::client::classify(request, &mut out))?;
     Ok(())
+}
+
+fn train(args: TrainArgs) -> anyhow::Result<()> {
+    if let Some(n) = args.threads {
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    anyhow::ensure!(
+        args.base_model.join("model.safetensors").is_file(),
+        "no base model at {}: run tools/fetch_base_model.sh first",
+        args.base_model.display()
+    );
+    let config = dealsift::train::TrainConfig {
+        base_model: args.base_model,
+        out_dir: args.out,
+        data_dir: args.data_dir.unwrap_or_else(dealsift::data::default_data_dir),
+        labels: args.labels.unwrap_or_else(dealsift::data::modern::default_labels_path),
+        model_id: args.model_id,
+        version: args.version,
+        seed: args.seed,
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        max_len: args.max_len,
+        learning_rate: args.learning_rate,
+        weight_decay: args.weight_decay,
+        warmup_fraction: args.warmup_fraction,
+        max_grad_norm: args.max_grad_norm,
+        deal_weight: args.deal_weight,
+        per_source_limit: args.limits,
+    };
+    let report = dealsift::train::train(config)?;
+    println!("{}", serde_json::to_string_pretty(&report.validation)?);
+    println!("temperature {:.4} threshold {:.2} steps {} in {:.0}s", report.temperature, report.threshold, report.steps, report.seconds);
+    Ok(())
+}
+
+fn eval(args: EvalArgs) -> anyhow::Result<()> {
+    let data_dir = args.data_dir.unwrap_or_else(dealsift::data::default_data_dir);
+    let labels = args.labels.unwrap_or_else(dealsift::data::modern::default_labels_path);
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let (mut scorer, default_threshold) = match &args.server {
+            Some(url) => {
+                let mut client = dealsift::proto::deal_classifier_client::DealClassifierClient::connect(url.clone())
+                    .await
+                    .with_context(|| format!("cannot connect to {url}"))?;
+                let info = client.get_model_info(dealsift::proto::GetModelInfoRequest {}).await?.into_inner();
+                (dealsift::eval::Scorer::Remote(client), info.default_threshold)
+            }
+            None => {
+                let spec = ModelSpec { dir: args.model_dir.clone(), max_sequence_length: None };
+                let batcher = BatcherConfig {
+                    max_batch_tokens: 8192,
+                    max_batch_size: 64,
+                    max_queue_sequences: 4096,
+                    max_queue_delay: Duration::from_millis(2),
+                };
+                let engine = server::load_cpu(&spec, batcher, 16, std::sync::Arc::new(|_| {}))?;
+                let threshold = engine.model.threshold;
+                (dealsift::eval::Scorer::Local(engine), threshold)
+            }
+        };
+        let threshold = args.threshold.unwrap_or(default_threshold);
+        let corpus = dealsift::data::Corpus::load(&data_dir, &labels)?;
+        let mut reports = Vec::new();
+        for (name, set) in &corpus.test {
+            if !args.sets.iter().any(|s| s == name) {
+                continue;
+            }
+            let started = std::time::Instant::now();
+            let probs = scorer.score(set).await?;
+            let report = dealsift::eval::evaluate(name, set, &probs, threshold, args.worst);
+            print!("{}", dealsift::eval::render(&report));
+            println!("   ({:.1}s)", started.elapsed().as_secs_f64());
+            reports.push(report);
+        }
+        if let Some(path) = &args.json {
+            std::fs::write(path, serde_json::to_string_pretty(&reports)?)?;
+        }
+        Ok(())
+    })
 }

@@ -7,6 +7,38 @@ use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, Var
 
 use super::config::BertConfig;
 
+/// Which kernels to run. candle's fused softmax and layer-norm kernels are fastest but
+/// have no backward pass, so training composes them from differentiable primitives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    Fused,
+    Differentiable,
+}
+
+fn norm(ln: &LayerNorm, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
+    match kernels {
+        Kernels::Fused => ln.forward(x),
+        Kernels::Differentiable => {
+            let mean = x.mean_keepdim(D::Minus1)?;
+            let centered = x.broadcast_sub(&mean)?;
+            let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+            let normed = centered.broadcast_div(&(var + ln.eps())?.sqrt()?)?;
+            let scaled = normed.broadcast_mul(ln.weight())?;
+            match ln.bias() {
+                Some(b) => scaled.broadcast_add(b),
+                None => Ok(scaled),
+            }
+        }
+    }
+}
+
+fn softmax_last(x: &Tensor, kernels: Kernels) -> Result<Tensor> {
+    match kernels {
+        Kernels::Fused => candle_nn::ops::softmax_last_dim(x),
+        Kernels::Differentiable => candle_nn::ops::softmax(x, D::Minus1),
+    }
+}
+
 struct Embeddings {
     word: Embedding,
     position: Embedding,
@@ -24,7 +56,7 @@ impl Embeddings {
         })
     }
 
-    fn forward(&self, input_ids: &Tensor, token_type_ids: &Tensor) -> Result<Tensor> {
+    fn forward(&self, input_ids: &Tensor, token_type_ids: &Tensor, kernels: Kernels) -> Result<Tensor> {
         let seq_len = input_ids.dim(1)?;
         let positions = Tensor::arange(0u32, seq_len as u32, input_ids.device())?;
         let x = self
@@ -32,7 +64,7 @@ impl Embeddings {
             .forward(input_ids)?
             .add(&self.token_type.forward(token_type_ids)?)?
             .broadcast_add(&self.position.forward(&positions)?)?;
-        self.norm.forward(&x)
+        norm(&self.norm, &x, kernels)
     }
 }
 
@@ -62,7 +94,7 @@ impl SelfAttention {
     }
 
     /// `mask` is additive, shaped (batch, 1, 1, seq): 0 for real tokens, a large negative for padding.
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, mask: &Tensor, kernels: Kernels) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let split = |t: Tensor| t.reshape((b, s, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous();
         let q = split(self.query.forward(x)?)?;
@@ -70,9 +102,9 @@ impl SelfAttention {
         let v = split(self.value.forward(x)?)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = softmax_last(&scores, kernels)?;
         let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, ()))?;
-        self.norm.forward(&self.output.forward(&ctx)?.add(x)?)
+        norm(&self.norm, &self.output.forward(&ctx)?.add(x)?, kernels)
     }
 }
 
@@ -93,10 +125,10 @@ impl Layer {
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let x = self.attention.forward(x, mask)?;
+    fn forward(&self, x: &Tensor, mask: &Tensor, kernels: Kernels) -> Result<Tensor> {
+        let x = self.attention.forward(x, mask, kernels)?;
         let h = self.intermediate.forward(&x)?.gelu_erf()?;
-        self.norm.forward(&self.output.forward(&h)?.add(&x)?)
+        norm(&self.norm, &self.output.forward(&h)?.add(&x)?, kernels)
     }
 }
 
@@ -106,6 +138,7 @@ pub struct BertClassifier {
     layers: Vec<Layer>,
     pooler: Linear,
     classifier: Linear,
+    kernels: Kernels,
 }
 
 impl BertClassifier {
@@ -126,7 +159,13 @@ impl BertClassifier {
             layers,
             pooler: linear(cfg.hidden_size, cfg.hidden_size, encoder_vb.pp("pooler").pp("dense"))?,
             classifier: linear(cfg.hidden_size, cfg.num_labels(), vb.pp("classifier"))?,
+            kernels: Kernels::Fused,
         })
+    }
+
+    /// Switches kernels (training needs `Kernels::Differentiable`).
+    pub fn with_kernels(self, kernels: Kernels) -> Self {
+        Self { kernels, ..self }
     }
 
     /// Logits, shaped (batch, labels). `input_ids`, `token_type_ids` and `attention_mask`
@@ -138,10 +177,10 @@ impl BertClassifier {
 
     /// Final hidden states, shaped (batch, seq, hidden).
     pub fn encode(&self, input_ids: &Tensor, token_type_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
-        let mut x = self.embeddings.forward(input_ids, token_type_ids)?;
+        let mut x = self.embeddings.forward(input_ids, token_type_ids, self.kernels)?;
         let mask = additive_mask(attention_mask, x.dtype())?;
         for layer in &self.layers {
-            x = layer.forward(&x, &mask)?;
+            x = layer.forward(&x, &mask, self.kernels)?;
         }
         Ok(x)
     }

@@ -3,5 +3,5 @@
 pub mod bert;
 pub mod config;
 
-pub use bert::BertClassifier;
+pub use bert::{BertClassifier, Kernels};
 pub use config::BertConfig;

@@ -1,0 +1,86 @@
+//! The project's own labels for modern news items (`data/modern-labels.jsonl`, see
+//! `data/DATA_CARD.md`), joined by stable id to the texts in `../shared/data`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::{DataError, Example, Split};
+
+/// The committed labels file.
+pub fn default_labels_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("data/modern-labels.jsonl")
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LabelRow {
+    pub id: String,
+    pub label: String,
+    pub subtype: String,
+    pub annotator: String,
+    pub round: String,
+    pub split: String,
+}
+
+impl LabelRow {
+    pub fn split(&self) -> Option<Split> {
+        match self.split.as_str() {
+            "train" => Some(Split::Train),
+            "validation" => Some(Split::Validation),
+            "test" => Some(Split::Test),
+            _ => None,
+        }
+    }
+}
+
+pub fn read_labels(path: &Path) -> Result<Vec<LabelRow>, DataError> {
+    let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(n, l)| serde_json::from_str(l).map_err(|e| DataError::parse(path, format!("line {}: {e}", n + 1))))
+        .collect()
+}
+
+/// Texts of every pool item the labels may refer to, by id.
+pub fn read_pools(data_dir: &Path) -> Result<HashMap<String, String>, DataError> {
+    #[derive(Deserialize)]
+    struct Item {
+        id: String,
+        headline: String,
+    }
+    let mut texts = HashMap::new();
+    for file in [
+        "wiki-current-events/uncategorized_2021_2026.jsonl",
+        "wiki-current-events/business_sci_tech_2015_2021.jsonl",
+        "twitter-financial-news-sentiment/tweets.jsonl",
+    ] {
+        let path = data_dir.join(file);
+        let body = std::fs::read_to_string(&path).map_err(|e| DataError::io(&path, e))?;
+        for (n, line) in body.lines().enumerate() {
+            let item: Item = serde_json::from_str(line).map_err(|e| DataError::parse(&path, format!("line {}: {e}", n + 1)))?;
+            texts.insert(item.id, item.headline.replace("&amp;", "&"));
+        }
+    }
+    for (ex, _) in super::twitter::load(&data_dir.join("twitter-financial-news-topic"), Split::Train)? {
+        texts.insert(ex.id, ex.text);
+    }
+    Ok(texts)
+}
+
+/// Labelled modern examples of `split`. Fails if a label's id is not in the pools.
+pub fn load(data_dir: &Path, labels: &Path, split: Split) -> Result<Vec<Example>, DataError> {
+    let pools = read_pools(data_dir)?;
+    let mut out = Vec::new();
+    for row in read_labels(labels)? {
+        if row.split() != Some(split) {
+            continue;
+        }
+        let text = pools
+            .get(&row.id)
+            .ok_or_else(|| DataError::parse(labels, format!("label id {} is not in {}", row.id, data_dir.display())))?;
+        out.push(Example { id: row.id, title: None, text: text.clone(), deal: row.label == "DEAL", subtype: Some(row.subtype) });
+    }
+    Ok(out)
+}

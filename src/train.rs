@@ -1,0 +1,438 @@
+//! `dealsift train`: fine-tunes a pretrained BERT encoder into the deal classifier with
+//! candle (AdamW, warmup + linear decay, class weighting), calibrates it on validation
+//! data, and writes a Hugging Face-style model directory the server loads unchanged.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::data::{Corpus, Example};
+use crate::metrics::{best_threshold, fit_temperature, roc_auc, Confusion};
+use crate::model::{BertClassifier, BertConfig, Kernels};
+use crate::tokenize::{LongText, TextEncoder};
+
+/// Files copied from the base model directory into the trained one.
+const TOKENIZER_FILES: &[&str] = &["tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"];
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainConfig {
+    pub base_model: PathBuf,
+    pub out_dir: PathBuf,
+    pub data_dir: PathBuf,
+    pub labels: PathBuf,
+    pub model_id: String,
+    pub version: String,
+    pub seed: u64,
+    pub epochs: usize,
+    pub batch_size: usize,
+    /// Training window in tokens (special tokens included); also the served window.
+    pub max_len: usize,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    pub warmup_fraction: f64,
+    pub max_grad_norm: f64,
+    /// Loss weight of the deal class relative to non-deal.
+    pub deal_weight: f64,
+    /// Examples per epoch drawn from each training source (None: all).
+    pub per_source_limit: Vec<(String, usize)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    #[error(transparent)]
+    Model(#[from] crate::error::ModelError),
+    #[error("candle: {0}")]
+    Candle(#[from] candle_core::Error),
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+    move |source| TrainError::Io { path: path.display().to_string(), source }
+}
+
+/// A tokenized example: one window, its label.
+struct Item {
+    ids: Vec<u32>,
+    deal: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SetReport {
+    pub name: String,
+    pub examples: usize,
+    pub deals: usize,
+    pub f1: f64,
+    pub precision: f64,
+    pub recall: f64,
+    pub roc_auc: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TrainReport {
+    pub config: TrainConfig,
+    pub train_examples: Vec<(String, usize, usize)>,
+    pub steps: usize,
+    pub seconds: f64,
+    pub temperature: f64,
+    pub threshold: f32,
+    pub validation: Vec<SetReport>,
+    pub loss_curve: Vec<(usize, f32)>,
+}
+
+/// Trains, calibrates and writes the model directory. Returns the report also written
+/// there as `training_report.json`.
+pub fn train(cfg: TrainConfig) -> Result<TrainReport, TrainError> {
+    let started = Instant::now();
+    let device = Device::Cpu;
+    let mut rng = StdRng::seed_from_u64(cfg.seed);
+
+    let config_json = read_base_config(&cfg.base_model)?;
+    let bert_cfg: BertConfig = serde_json::from_value(config_json.clone()).map_err(|e| TrainError::Invalid(format!("base config: {e}")))?;
+    let encoder = TextEncoder::from_file(&cfg.base_model.join("tokenizer.json"), cfg.max_len)?;
+
+    tracing::info!(data = %cfg.data_dir.display(), "loading data");
+    let corpus = Corpus::load(&cfg.data_dir, &cfg.labels)?;
+    let mut train_items = Vec::new();
+    let mut train_counts = Vec::new();
+    for (name, set) in &corpus.train {
+        let limit = cfg.per_source_limit.iter().find(|(n, _)| n == name).map(|(_, l)| *l);
+        let mut set: Vec<&Example> = set.iter().collect();
+        if let Some(limit) = limit.filter(|&l| l < set.len()) {
+            // Keep every deal; subsample non-deals (seeded) down to the limit.
+            let (mut deals, mut others): (Vec<_>, Vec<_>) = set.into_iter().partition(|e| e.deal);
+            others.shuffle(&mut rng);
+            others.truncate(limit.saturating_sub(deals.len()));
+            deals.extend(others);
+            set = deals;
+        }
+        train_counts.push((name.to_string(), set.len(), set.iter().filter(|e| e.deal).count()));
+        train_items.extend(tokenize(&encoder, set.into_iter())?);
+    }
+    let validation: Vec<(&str, Vec<Item>)> = corpus
+        .validation
+        .iter()
+        .map(|(name, set)| Ok((*name, tokenize(&encoder, set.iter())?)))
+        .collect::<Result<_, TrainError>>()?;
+    tracing::info!(?train_counts, validation = ?validation.iter().map(|(n, v)| (n, v.len())).collect::<Vec<_>>(), "data ready");
+
+    let varmap = trainable_vars(&cfg.base_model, &bert_cfg, &mut rng, &device)?;
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
+    let model = BertClassifier::load(vb, &bert_cfg)?.with_kernels(Kernels::Differentiable);
+    let mut optimizer = AdamW::new(
+        varmap.all_vars(),
+        ParamsAdamW { lr: cfg.learning_rate, weight_decay: cfg.weight_decay, ..Default::default() },
+    )?;
+
+    let batches_per_epoch = train_items.len().div_ceil(cfg.batch_size);
+    let total_steps = batches_per_epoch * cfg.epochs;
+    let warmup = ((total_steps as f64) * cfg.warmup_fraction).ceil() as usize;
+    let bar = progress(total_steps as u64);
+    let mut step = 0;
+    let mut loss_curve = Vec::new();
+    let mut ema = None::<f32>;
+    for epoch in 0..cfg.epochs {
+        for batch in length_batches(&train_items, cfg.batch_size, &mut rng) {
+            let lr = cfg.learning_rate * schedule(step, warmup, total_steps);
+            optimizer.set_learning_rate(lr);
+            let (ids, mask, labels, weights) = batch_tensors(&train_items, &batch, cfg.pad_id(&bert_cfg), cfg.deal_weight, &device)?;
+            let logits = model.forward(&ids, &ids.zeros_like()?, &mask)?;
+            let loss = weighted_cross_entropy(&logits, &labels, &weights)?;
+            let mut grads = loss.backward()?;
+            clip_gradients(&varmap, &mut grads, cfg.max_grad_norm)?;
+            optimizer.step(&grads)?;
+            let l = loss.to_scalar::<f32>()?;
+            let smoothed = ema.map_or(l, |e| 0.98 * e + 0.02 * l);
+            ema = Some(smoothed);
+            step += 1;
+            if step % 20 == 0 || step == total_steps {
+                loss_curve.push((step, smoothed));
+            }
+            bar.set_message(format!("epoch {} loss {smoothed:.4} lr {lr:.2e}", epoch + 1));
+            bar.inc(1);
+        }
+        let reports = evaluate_sets(&model, &validation, 1.0, 0.5, cfg.pad_id(&bert_cfg), &device)?;
+        for r in &reports.1 {
+            bar.println(format!(
+                "epoch {} validation {}: F1 {:.4} P {:.4} R {:.4} AUC {:.4} (n={}, deals={})",
+                epoch + 1,
+                r.name,
+                r.f1,
+                r.precision,
+                r.recall,
+                r.roc_auc,
+                r.examples,
+                r.deals
+            ));
+        }
+    }
+    bar.finish_and_clear();
+
+    // Calibration and threshold: validation data only.
+    let (val_logits, _) = evaluate_sets(&model, &validation, 1.0, 0.5, cfg.pad_id(&bert_cfg), &device)?;
+    let all_logits: Vec<Vec<f32>> = val_logits.iter().flat_map(|(_, l)| l.iter().cloned()).collect();
+    let all_truth: Vec<bool> = validation.iter().flat_map(|(_, items)| items.iter().map(|i| i.deal)).collect();
+    let deal_index = 1;
+    let temperature = fit_temperature(&all_logits, &all_truth, deal_index);
+    let probs: Vec<(Vec<f32>, Vec<bool>)> = val_logits
+        .iter()
+        .zip(&validation)
+        .map(|((_, logits), (_, items))| {
+            (
+                logits.iter().map(|l| crate::metrics::deal_probability(l, deal_index, temperature)).collect(),
+                items.iter().map(|i| i.deal).collect(),
+            )
+        })
+        .collect();
+    let sets: Vec<(&[f32], &[bool])> = probs.iter().map(|(p, y)| (p.as_slice(), y.as_slice())).collect();
+    let (threshold, _) = best_threshold(&sets);
+    let (_, validation_report) = evaluate_sets(&model, &validation, temperature, threshold, cfg.pad_id(&bert_cfg), &device)?;
+    tracing::info!(temperature, threshold, "calibrated on validation");
+
+    let report = TrainReport {
+        config: cfg.clone(),
+        train_examples: train_counts,
+        steps: step,
+        seconds: started.elapsed().as_secs_f64(),
+        temperature,
+        threshold,
+        validation: validation_report,
+        loss_curve,
+    };
+    save(&cfg, &varmap, config_json, &report)?;
+    Ok(report)
+}
+
+impl TrainConfig {
+    fn pad_id(&self, cfg: &BertConfig) -> u32 {
+        cfg.pad_token_id
+    }
+}
+
+fn progress(len: u64) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{elapsed_precise} {bar:30} {pos}/{len} steps eta {eta} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+fn read_base_config(dir: &Path) -> Result<serde_json::Value, TrainError> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+    let mut v: serde_json::Value = serde_json::from_str(&text).map_err(|e| TrainError::Invalid(format!("{}: {e}", path.display())))?;
+    let obj = v.as_object_mut().ok_or_else(|| TrainError::Invalid("config.json is not an object".into()))?;
+    obj.insert("id2label".into(), serde_json::json!({"0": "non_deal", "1": "deal"}));
+    obj.insert("label2id".into(), serde_json::json!({"non_deal": 0, "deal": 1}));
+    obj.insert("architectures".into(), serde_json::json!(["BertForSequenceClassification"]));
+    obj.insert("problem_type".into(), serde_json::json!("single_label_classification"));
+    Ok(v)
+}
+
+fn tokenize<'a>(encoder: &TextEncoder, set: impl Iterator<Item = &'a Example>) -> Result<Vec<Item>, TrainError> {
+    set.map(|ex| {
+        let enc = encoder.encode(ex.title.as_deref(), &ex.text, LongText::Truncate, 1)?;
+        Ok(Item { ids: enc.windows.into_iter().next().unwrap_or_default(), deal: ex.deal })
+    })
+    .collect()
+}
+
+/// Base weights as trainable variables under Hugging Face classification names
+/// (`bert.` prefix), plus a seeded classifier head.
+fn trainable_vars(base: &Path, cfg: &BertConfig, rng: &mut StdRng, device: &Device) -> Result<VarMap, TrainError> {
+    let weights = candle_core::safetensors::load(base.join("model.safetensors"), device)?;
+    let varmap = VarMap::new();
+    {
+        let mut data = varmap.data().lock().map_err(|_| TrainError::Invalid("varmap lock poisoned".into()))?;
+        for (name, tensor) in weights {
+            if name.ends_with("position_ids") || name.starts_with("classifier.") {
+                continue;
+            }
+            let name = if name.starts_with("bert.") { name } else { format!("bert.{name}") };
+            data.insert(name, Var::from_tensor(&tensor.to_dtype(DType::F32)?)?);
+        }
+        let (h, labels) = (cfg.hidden_size, 2);
+        // N(0, 0.02) as in BERT's initializer, from the seeded generator.
+        let normal: Vec<f32> = (0..labels * h).map(|_| gaussian(rng) * 0.02).collect();
+        data.insert("classifier.weight".into(), Var::from_tensor(&Tensor::from_vec(normal, (labels, h), device)?)?);
+        data.insert("classifier.bias".into(), Var::from_tensor(&Tensor::zeros(labels, DType::F32, device)?)?);
+    }
+    Ok(varmap)
+}
+
+fn gaussian(rng: &mut StdRng) -> f32 {
+    // Box-Muller.
+    let (u1, u2): (f32, f32) = (rng.random::<f32>().max(1e-12), rng.random());
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+}
+
+/// Linear warmup, then linear decay to zero.
+fn schedule(step: usize, warmup: usize, total: usize) -> f64 {
+    if step < warmup {
+        (step + 1) as f64 / warmup as f64
+    } else {
+        (total - step) as f64 / (total - warmup).max(1) as f64
+    }
+}
+
+/// Batches of similar length (less padding): shuffle, sort within pools of 50 batches,
+/// cut, shuffle the batches.
+fn length_batches(items: &[Item], batch_size: usize, rng: &mut StdRng) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.shuffle(rng);
+    let mut batches = Vec::new();
+    for pool in order.chunks(batch_size * 50) {
+        let mut pool = pool.to_vec();
+        pool.sort_by_key(|&i| items[i].ids.len());
+        batches.extend(pool.chunks(batch_size).map(<[usize]>::to_vec));
+    }
+    batches.shuffle(rng);
+    batches
+}
+
+type BatchTensors = (Tensor, Tensor, Tensor, Tensor);
+
+fn batch_tensors(items: &[Item], batch: &[usize], pad_id: u32, deal_weight: f64, device: &Device) -> Result<BatchTensors, TrainError> {
+    let seq = batch.iter().map(|&i| items[i].ids.len()).max().unwrap_or(1);
+    let mut ids = vec![pad_id; batch.len() * seq];
+    let mut mask = vec![0u32; batch.len() * seq];
+    for (row, &i) in batch.iter().enumerate() {
+        let t = &items[i].ids;
+        ids[row * seq..row * seq + t.len()].copy_from_slice(t);
+        mask[row * seq..row * seq + t.len()].fill(1);
+    }
+    let labels: Vec<u32> = batch.iter().map(|&i| items[i].deal as u32).collect();
+    let weights: Vec<f32> = batch.iter().map(|&i| if items[i].deal { deal_weight as f32 } else { 1.0 }).collect();
+    Ok((
+        Tensor::from_vec(ids, (batch.len(), seq), device)?,
+        Tensor::from_vec(mask, (batch.len(), seq), device)?,
+        Tensor::from_vec(labels, batch.len(), device)?,
+        Tensor::from_vec(weights, batch.len(), device)?,
+    ))
+}
+
+fn weighted_cross_entropy(logits: &Tensor, labels: &Tensor, weights: &Tensor) -> candle_core::Result<Tensor> {
+    let log_probs = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let picked = log_probs.gather(&labels.unsqueeze(1)?, 1)?.squeeze(1)?;
+    picked.mul(weights)?.sum_all()?.neg()? / weights.sum_all()?.to_scalar::<f32>()? as f64
+}
+
+fn clip_gradients(varmap: &VarMap, grads: &mut candle_core::backprop::GradStore, max_norm: f64) -> Result<(), TrainError> {
+    let vars = varmap.all_vars();
+    let mut sq = 0f64;
+    for v in &vars {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        }
+    }
+    let norm = sq.sqrt();
+    if norm > max_norm {
+        let scale = max_norm / norm;
+        for v in &vars {
+            if let Some(g) = grads.remove(v.as_tensor()) {
+                grads.insert(v.as_tensor(), (g * scale)?);
+            }
+        }
+    }
+    Ok(())
+}
+
+type SetLogits<'a> = Vec<(&'a str, Vec<Vec<f32>>)>;
+
+/// Logits and metrics for each named set.
+fn evaluate_sets<'a>(
+    model: &BertClassifier,
+    sets: &'a [(&'a str, Vec<Item>)],
+    temperature: f64,
+    threshold: f32,
+    pad_id: u32,
+    device: &Device,
+) -> Result<(SetLogits<'a>, Vec<SetReport>), TrainError> {
+    let mut all = Vec::new();
+    let mut reports = Vec::new();
+    for (name, items) in sets {
+        let mut order: Vec<usize> = (0..items.len()).collect();
+        order.sort_by_key(|&i| items[i].ids.len());
+        let mut logits = vec![Vec::new(); items.len()];
+        for chunk in order.chunks(64) {
+            let (ids, mask, _, _) = batch_tensors(items, chunk, pad_id, 1.0, device)?;
+            let out = model.forward(&ids, &ids.zeros_like()?, &mask)?.detach().to_vec2::<f32>()?;
+            for (&i, row) in chunk.iter().zip(out) {
+                logits[i] = row;
+            }
+        }
+        let probs: Vec<f32> = logits.iter().map(|l| crate::metrics::deal_probability(l, 1, temperature)).collect();
+        let truth: Vec<bool> = items.iter().map(|i| i.deal).collect();
+        let c = Confusion::new(&probs, &truth, threshold);
+        reports.push(SetReport {
+            name: name.to_string(),
+            examples: items.len(),
+            deals: truth.iter().filter(|&&t| t).count(),
+            f1: c.f1(),
+            precision: c.precision(),
+            recall: c.recall(),
+            roc_auc: roc_auc(&probs, &truth),
+        });
+        all.push((*name, logits));
+    }
+    Ok((all, reports))
+}
+
+/// Writes f16 weights, config with calibration, tokenizer files and the report.
+fn save(cfg: &TrainConfig, varmap: &VarMap, mut config_json: serde_json::Value, report: &TrainReport) -> Result<(), TrainError> {
+    std::fs::create_dir_all(&cfg.out_dir).map_err(io(&cfg.out_dir))?;
+    let tensors: HashMap<String, Tensor> = {
+        let data = varmap.data().lock().map_err(|_| TrainError::Invalid("varmap lock poisoned".into()))?;
+        data.iter().map(|(k, v)| Ok((k.clone(), v.as_tensor().to_dtype(DType::F16)?))).collect::<candle_core::Result<_>>()?
+    };
+    candle_core::safetensors::save(&tensors, cfg.out_dir.join("model.safetensors"))?;
+    if let Some(obj) = config_json.as_object_mut() {
+        obj.insert("torch_dtype".into(), serde_json::json!("float16"));
+        obj.insert(
+            "dealsift".into(),
+            serde_json::json!({
+                "model_id": cfg.model_id,
+                "version": cfg.version,
+                "temperature": report.temperature,
+                "threshold": report.threshold,
+                "deal_label": "deal",
+                "max_sequence_length": cfg.max_len,
+            }),
+        );
+    }
+    write_json(&cfg.out_dir.join("config.json"), &config_json)?;
+    for file in TOKENIZER_FILES {
+        let from = cfg.base_model.join(file);
+        if from.is_file() {
+            let to = cfg.out_dir.join(file);
+            if *file == "tokenizer.json" {
+                // Padding and truncation off: windows are made by the server (and by callers).
+                let text = std::fs::read_to_string(&from).map_err(io(&from))?;
+                let mut tok: serde_json::Value = serde_json::from_str(&text).map_err(|e| TrainError::Invalid(format!("{}: {e}", from.display())))?;
+                tok["padding"] = serde_json::Value::Null;
+                tok["truncation"] = serde_json::Value::Null;
+                write_json(&to, &tok)?;
+            } else {
+                std::fs::copy(&from, &to).map_err(io(&from))?;
+            }
+        }
+    }
+    write_json(&cfg.out_dir.join("training_report.json"), &serde_json::to_value(report).map_err(|e| TrainError::Invalid(e.to_string()))?)
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), TrainError> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| TrainError::Invalid(e.to_string()))?;
+    std::fs::write(path, text + "\n").map_err(io(path))
+}
