@@ -49,7 +49,7 @@ struct TrainArgs {
     labels: Option<PathBuf>,
     #[arg(long, default_value_t = 20261126)]
     seed: u64,
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 1)]
     epochs: usize,
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
@@ -67,9 +67,16 @@ struct TrainArgs {
     /// Loss weight of deal examples (class imbalance).
     #[arg(long, default_value_t = 2.0)]
     deal_weight: f64,
-    /// Cap a training source per epoch, keeping all its deals: SOURCE=N (reuters, twitter, modern).
-    #[arg(long = "limit", value_parser = parse_limit)]
+    /// Cap a training source's non-deal examples (all its deals are kept): SOURCE=N
+    /// (reuters, twitter, modern). Repeatable.
+    #[arg(long = "limit", value_parser = parse_limit, default_values = ["reuters=3000", "twitter=6000"])]
     limits: Vec<(String, usize)>,
+    /// Bottom encoder layers kept frozen (with the embeddings) for a faster backward pass.
+    #[arg(long, default_value_t = 3)]
+    frozen_layers: usize,
+    /// Stop after this many steps (smoke tests).
+    #[arg(long)]
+    max_steps: Option<usize>,
     #[arg(long, default_value = "dealsift-minilm-l6")]
     model_id: String,
     #[arg(long, default_value = "1.0.0")]
@@ -333,6 +340,8 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         max_grad_norm: args.max_grad_norm,
         deal_weight: args.deal_weight,
         per_source_limit: args.limits,
+        frozen_layers: args.frozen_layers,
+        max_steps: args.max_steps,
     };
     let report = dealsift::train::train(config)?;
     println!("{}", serde_json::to_string_pretty(&report.validation)?);

@@ -40,8 +40,12 @@ pub struct TrainConfig {
     pub max_grad_norm: f64,
     /// Loss weight of the deal class relative to non-deal.
     pub deal_weight: f64,
-    /// Examples per epoch drawn from each training source (None: all).
+    /// Non-deal examples per epoch drawn from a training source (deals are always all kept).
     pub per_source_limit: Vec<(String, usize)>,
+    /// Encoder layers (from the bottom) kept frozen, with the embeddings.
+    pub frozen_layers: usize,
+    /// Stop after this many steps (smoke tests); None trains every epoch fully.
+    pub max_steps: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,11 +113,11 @@ pub fn train(cfg: TrainConfig) -> Result<TrainReport, TrainError> {
     for (name, set) in &corpus.train {
         let limit = cfg.per_source_limit.iter().find(|(n, _)| n == name).map(|(_, l)| *l);
         let mut set: Vec<&Example> = set.iter().collect();
-        if let Some(limit) = limit.filter(|&l| l < set.len()) {
+        if let Some(limit) = limit {
             // Keep every deal; subsample non-deals (seeded) down to the limit.
             let (mut deals, mut others): (Vec<_>, Vec<_>) = set.into_iter().partition(|e| e.deal);
             others.shuffle(&mut rng);
-            others.truncate(limit.saturating_sub(deals.len()));
+            others.truncate(limit);
             deals.extend(others);
             set = deals;
         }
@@ -129,28 +133,33 @@ pub fn train(cfg: TrainConfig) -> Result<TrainReport, TrainError> {
 
     let varmap = trainable_vars(&cfg.base_model, &bert_cfg, &mut rng, &device)?;
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
-    let model = BertClassifier::load(vb, &bert_cfg)?.with_kernels(Kernels::Differentiable);
+    let mut model = BertClassifier::load(vb, &bert_cfg)?.freeze_below(cfg.frozen_layers);
+    let trainable = trainable_subset(&varmap, cfg.frozen_layers)?;
     let mut optimizer = AdamW::new(
-        varmap.all_vars(),
+        trainable.clone(),
         ParamsAdamW { lr: cfg.learning_rate, weight_decay: cfg.weight_decay, ..Default::default() },
     )?;
 
     let batches_per_epoch = train_items.len().div_ceil(cfg.batch_size);
-    let total_steps = batches_per_epoch * cfg.epochs;
+    let total_steps = (batches_per_epoch * cfg.epochs).min(cfg.max_steps.unwrap_or(usize::MAX));
     let warmup = ((total_steps as f64) * cfg.warmup_fraction).ceil() as usize;
     let bar = progress(total_steps as u64);
     let mut step = 0;
     let mut loss_curve = Vec::new();
     let mut ema = None::<f32>;
     for epoch in 0..cfg.epochs {
+        model.set_kernels(Kernels::Differentiable);
         for batch in length_batches(&train_items, cfg.batch_size, &mut rng) {
+            if step == total_steps {
+                break;
+            }
             let lr = cfg.learning_rate * schedule(step, warmup, total_steps);
             optimizer.set_learning_rate(lr);
             let (ids, mask, labels, weights) = batch_tensors(&train_items, &batch, cfg.pad_id(&bert_cfg), cfg.deal_weight, &device)?;
             let logits = model.forward(&ids, &ids.zeros_like()?, &mask)?;
             let loss = weighted_cross_entropy(&logits, &labels, &weights)?;
             let mut grads = loss.backward()?;
-            clip_gradients(&varmap, &mut grads, cfg.max_grad_norm)?;
+            clip_gradients(&trainable, &mut grads, cfg.max_grad_norm)?;
             optimizer.step(&grads)?;
             let l = loss.to_scalar::<f32>()?;
             let smoothed = ema.map_or(l, |e| 0.98 * e + 0.02 * l);
@@ -161,9 +170,18 @@ pub fn train(cfg: TrainConfig) -> Result<TrainReport, TrainError> {
             }
             bar.set_message(format!("epoch {} loss {smoothed:.4} lr {lr:.2e}", epoch + 1));
             bar.inc(1);
+            if step % 50 == 0 {
+                // The bar is hidden when stderr is not a terminal; logs carry progress there.
+                let secs = started.elapsed().as_secs_f64();
+                tracing::info!(step, total_steps, loss = smoothed, lr, elapsed_s = secs as u64, "training");
+            }
         }
-        let reports = evaluate_sets(&model, &validation, 1.0, 0.5, cfg.pad_id(&bert_cfg), &device)?;
-        for r in &reports.1 {
+        model.set_kernels(Kernels::Fused);
+        if epoch + 1 == cfg.epochs || step == total_steps {
+            break;
+        }
+        let logits = validation_logits(&model, &validation, cfg.pad_id(&bert_cfg), &device)?;
+        for r in reports(&validation, &logits, 1.0, 0.5) {
             bar.println(format!(
                 "epoch {} validation {}: F1 {:.4} P {:.4} R {:.4} AUC {:.4} (n={}, deals={})",
                 epoch + 1,
@@ -180,15 +198,16 @@ pub fn train(cfg: TrainConfig) -> Result<TrainReport, TrainError> {
     bar.finish_and_clear();
 
     // Calibration and threshold: validation data only.
-    let (val_logits, _) = evaluate_sets(&model, &validation, 1.0, 0.5, cfg.pad_id(&bert_cfg), &device)?;
-    let all_logits: Vec<Vec<f32>> = val_logits.iter().flat_map(|(_, l)| l.iter().cloned()).collect();
+    model.set_kernels(Kernels::Fused);
+    let val_logits = validation_logits(&model, &validation, cfg.pad_id(&bert_cfg), &device)?;
+    let all_logits: Vec<Vec<f32>> = val_logits.iter().flat_map(|l| l.iter().cloned()).collect();
     let all_truth: Vec<bool> = validation.iter().flat_map(|(_, items)| items.iter().map(|i| i.deal)).collect();
     let deal_index = 1;
     let temperature = fit_temperature(&all_logits, &all_truth, deal_index);
     let probs: Vec<(Vec<f32>, Vec<bool>)> = val_logits
         .iter()
         .zip(&validation)
-        .map(|((_, logits), (_, items))| {
+        .map(|(logits, (_, items))| {
             (
                 logits.iter().map(|l| crate::metrics::deal_probability(l, deal_index, temperature)).collect(),
                 items.iter().map(|i| i.deal).collect(),
@@ -197,7 +216,7 @@ pub fn train(cfg: TrainConfig) -> Result<TrainReport, TrainError> {
         .collect();
     let sets: Vec<(&[f32], &[bool])> = probs.iter().map(|(p, y)| (p.as_slice(), y.as_slice())).collect();
     let (threshold, _) = best_threshold(&sets);
-    let (_, validation_report) = evaluate_sets(&model, &validation, temperature, threshold, cfg.pad_id(&bert_cfg), &device)?;
+    let validation_report = reports(&validation, &val_logits, temperature, threshold);
     tracing::info!(temperature, threshold, "calibrated on validation");
 
     let report = TrainReport {
@@ -329,10 +348,25 @@ fn weighted_cross_entropy(logits: &Tensor, labels: &Tensor, weights: &Tensor) ->
     picked.mul(weights)?.sum_all()?.neg()? / weights.sum_all()?.to_scalar::<f32>()? as f64
 }
 
-fn clip_gradients(varmap: &VarMap, grads: &mut candle_core::backprop::GradStore, max_norm: f64) -> Result<(), TrainError> {
-    let vars = varmap.all_vars();
+/// Variables the optimizer updates: everything above the frozen layers (the embeddings
+/// and the bottom `frozen_layers` encoder layers stay as pretrained).
+fn trainable_subset(varmap: &VarMap, frozen_layers: usize) -> Result<Vec<Var>, TrainError> {
+    let data = varmap.data().lock().map_err(|_| TrainError::Invalid("varmap lock poisoned".into()))?;
+    let frozen = |name: &str| {
+        name.starts_with("bert.embeddings.")
+            || name
+                .strip_prefix("bert.encoder.layer.")
+                .and_then(|rest| rest.split('.').next()?.parse::<usize>().ok())
+                .is_some_and(|layer| layer < frozen_layers)
+    };
+    let mut names: Vec<&String> = data.keys().filter(|n| !frozen(n)).collect();
+    names.sort();
+    Ok(names.into_iter().map(|n| data[n].clone()).collect())
+}
+
+fn clip_gradients(vars: &[Var], grads: &mut candle_core::backprop::GradStore, max_norm: f64) -> Result<(), TrainError> {
     let mut sq = 0f64;
-    for v in &vars {
+    for v in vars {
         if let Some(g) = grads.get(v.as_tensor()) {
             sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
         }
@@ -340,7 +374,7 @@ fn clip_gradients(varmap: &VarMap, grads: &mut candle_core::backprop::GradStore,
     let norm = sq.sqrt();
     if norm > max_norm {
         let scale = max_norm / norm;
-        for v in &vars {
+        for v in vars {
             if let Some(g) = grads.remove(v.as_tensor()) {
                 grads.insert(v.as_tensor(), (g * scale)?);
             }
@@ -349,20 +383,10 @@ fn clip_gradients(varmap: &VarMap, grads: &mut candle_core::backprop::GradStore,
     Ok(())
 }
 
-type SetLogits<'a> = Vec<(&'a str, Vec<Vec<f32>>)>;
-
-/// Logits and metrics for each named set.
-fn evaluate_sets<'a>(
-    model: &BertClassifier,
-    sets: &'a [(&'a str, Vec<Item>)],
-    temperature: f64,
-    threshold: f32,
-    pad_id: u32,
-    device: &Device,
-) -> Result<(SetLogits<'a>, Vec<SetReport>), TrainError> {
+/// Logits of every validation item, per set, in item order.
+fn validation_logits(model: &BertClassifier, sets: &[(&str, Vec<Item>)], pad_id: u32, device: &Device) -> Result<Vec<Vec<Vec<f32>>>, TrainError> {
     let mut all = Vec::new();
-    let mut reports = Vec::new();
-    for (name, items) in sets {
+    for (_, items) in sets {
         let mut order: Vec<usize> = (0..items.len()).collect();
         order.sort_by_key(|&i| items[i].ids.len());
         let mut logits = vec![Vec::new(); items.len()];
@@ -373,21 +397,29 @@ fn evaluate_sets<'a>(
                 logits[i] = row;
             }
         }
-        let probs: Vec<f32> = logits.iter().map(|l| crate::metrics::deal_probability(l, 1, temperature)).collect();
-        let truth: Vec<bool> = items.iter().map(|i| i.deal).collect();
-        let c = Confusion::new(&probs, &truth, threshold);
-        reports.push(SetReport {
-            name: name.to_string(),
-            examples: items.len(),
-            deals: truth.iter().filter(|&&t| t).count(),
-            f1: c.f1(),
-            precision: c.precision(),
-            recall: c.recall(),
-            roc_auc: roc_auc(&probs, &truth),
-        });
-        all.push((*name, logits));
+        all.push(logits);
     }
-    Ok((all, reports))
+    Ok(all)
+}
+
+fn reports(sets: &[(&str, Vec<Item>)], logits: &[Vec<Vec<f32>>], temperature: f64, threshold: f32) -> Vec<SetReport> {
+    sets.iter()
+        .zip(logits)
+        .map(|((name, items), logits)| {
+            let probs: Vec<f32> = logits.iter().map(|l| crate::metrics::deal_probability(l, 1, temperature)).collect();
+            let truth: Vec<bool> = items.iter().map(|i| i.deal).collect();
+            let c = Confusion::new(&probs, &truth, threshold);
+            SetReport {
+                name: name.to_string(),
+                examples: items.len(),
+                deals: truth.iter().filter(|&&t| t).count(),
+                f1: c.f1(),
+                precision: c.precision(),
+                recall: c.recall(),
+                roc_auc: roc_auc(&probs, &truth),
+            }
+        })
+        .collect()
 }
 
 /// Writes f16 weights, config with calibration, tokenizer files and the report.
@@ -397,7 +429,13 @@ fn save(cfg: &TrainConfig, varmap: &VarMap, mut config_json: serde_json::Value, 
         let data = varmap.data().lock().map_err(|_| TrainError::Invalid("varmap lock poisoned".into()))?;
         data.iter().map(|(k, v)| Ok((k.clone(), v.as_tensor().to_dtype(DType::F16)?))).collect::<candle_core::Result<_>>()?
     };
-    candle_core::safetensors::save(&tensors, cfg.out_dir.join("model.safetensors"))?;
+    let weights = cfg.out_dir.join("model.safetensors");
+    candle_core::safetensors::save(&tensors, &weights)?;
+    // Readable by the service's user, whoever trained it.
+    let file = std::fs::File::open(&weights).map_err(io(&weights))?;
+    let mut perms = file.metadata().map_err(io(&weights))?.permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o644);
+    std::fs::set_permissions(&weights, perms).map_err(io(&weights))?;
     if let Some(obj) = config_json.as_object_mut() {
         obj.insert("torch_dtype".into(), serde_json::json!("float16"));
         obj.insert(
@@ -423,7 +461,8 @@ fn save(cfg: &TrainConfig, varmap: &VarMap, mut config_json: serde_json::Value, 
                 let mut tok: serde_json::Value = serde_json::from_str(&text).map_err(|e| TrainError::Invalid(format!("{}: {e}", from.display())))?;
                 tok["padding"] = serde_json::Value::Null;
                 tok["truncation"] = serde_json::Value::Null;
-                write_json(&to, &tok)?;
+                let compact = serde_json::to_string(&tok).map_err(|e| TrainError::Invalid(e.to_string()))?;
+                std::fs::write(&to, compact).map_err(io(&to))?;
             } else {
                 std::fs::copy(&from, &to).map_err(io(&from))?;
             }

@@ -80,11 +80,11 @@ fn clean(s: &str) -> String {
         .replace("&#30;", "")
         .replace("&#31;", "")
         .replace("&#127;", "");
+    let decoded: String = decoded.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
     let mut text = decoded.split_whitespace().collect::<Vec<_>>().join(" ");
-    for tail in [" REUTER", " Reuter"] {
-        if let Some(stripped) = text.strip_suffix(tail) {
-            text = stripped.to_string();
-        }
+    // Some stories are signed off twice.
+    while let Some(stripped) = text.strip_suffix(" Reuter").or_else(|| text.strip_suffix(" REUTER")) {
+        text = stripped.to_string();
     }
-    text.chars().filter(|c| !c.is_control()).collect()
+    text
 }

@@ -139,6 +139,8 @@ pub struct BertClassifier {
     pooler: Linear,
     classifier: Linear,
     kernels: Kernels,
+    /// Layers below this index get no gradient (their output is detached).
+    frozen_layers: usize,
 }
 
 impl BertClassifier {
@@ -160,12 +162,19 @@ impl BertClassifier {
             pooler: linear(cfg.hidden_size, cfg.hidden_size, encoder_vb.pp("pooler").pp("dense"))?,
             classifier: linear(cfg.hidden_size, cfg.num_labels(), vb.pp("classifier"))?,
             kernels: Kernels::Fused,
+            frozen_layers: 0,
         })
     }
 
+    /// Stops gradients below encoder layer `n` (and into all embeddings): fine-tuning
+    /// then trains only the top layers, pooler and classifier, for a cheaper backward pass.
+    pub fn freeze_below(self, n: usize) -> Self {
+        Self { frozen_layers: n, ..self }
+    }
+
     /// Switches kernels (training needs `Kernels::Differentiable`).
-    pub fn with_kernels(self, kernels: Kernels) -> Self {
-        Self { kernels, ..self }
+    pub fn set_kernels(&mut self, kernels: Kernels) {
+        self.kernels = kernels;
     }
 
     /// Logits, shaped (batch, labels). `input_ids`, `token_type_ids` and `attention_mask`
@@ -179,8 +188,14 @@ impl BertClassifier {
     pub fn encode(&self, input_ids: &Tensor, token_type_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
         let mut x = self.embeddings.forward(input_ids, token_type_ids, self.kernels)?;
         let mask = additive_mask(attention_mask, x.dtype())?;
-        for layer in &self.layers {
+        if self.frozen_layers > 0 {
+            x = x.detach();
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward(&x, &mask, self.kernels)?;
+            if i + 1 == self.frozen_layers {
+                x = x.detach();
+            }
         }
         Ok(x)
     }

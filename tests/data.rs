@@ -1,0 +1,124 @@
+//! Data readers against the shared data sets' documented counts, and the committed modern
+//! labels against the pools they are keyed to. Skipped (with a message) where
+//! `../shared/data` is absent, as in a user's clone; CI always has it.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+
+use dealsift::data::{self, modern, reuters, twitter, Split};
+
+fn data_dir() -> Option<PathBuf> {
+    let dir = data::default_data_dir();
+    if dir.join("reuters21578").is_dir() {
+        Some(dir)
+    } else {
+        eprintln!("SKIPPED: {} not found (set DEALSIFT_DATA_DIR to the shared data sets)", dir.display());
+        None
+    }
+}
+
+#[test]
+fn reuters_modapte_split_matches_the_documented_counts() {
+    let Some(dir) = data_dir() else { return };
+    let train = reuters::load(&dir.join("reuters21578"), Split::Train).unwrap();
+    let test = reuters::load(&dir.join("reuters21578"), Split::Test).unwrap();
+    assert_eq!(train.len(), 9603);
+    assert_eq!(test.len(), 3299);
+    assert_eq!(train.iter().filter(|e| e.deal).count(), 1650);
+    assert_eq!(test.iter().filter(|e| e.deal).count(), 719);
+    assert!(test.iter().all(|e| !e.text.trim().is_empty()), "every test document has text");
+    let unclean = test.iter().find(|e| e.text.contains("&lt;") || e.text.ends_with(" Reuter") || e.text.ends_with(" REUTER"));
+    assert!(unclean.is_none(), "entities or sign-off left in {:?}", unclean.map(|e| (&e.id, &e.text[e.text.len().saturating_sub(80)..])));
+}
+
+#[test]
+fn twitter_topic_files_match_the_documented_counts() {
+    let Some(dir) = data_dir() else { return };
+    let dir = dir.join("twitter-financial-news-topic");
+    let train = twitter::load(&dir, Split::Train).unwrap();
+    let test = twitter::load(&dir, Split::Test).unwrap();
+    assert_eq!((train.len(), test.len()), (16990, 4117));
+    let count = |set: &[(data::Example, u32)], topic| set.iter().filter(|(_, t)| *t == topic).count();
+    assert_eq!((count(&train, twitter::MA_INVESTMENTS), count(&test, twitter::MA_INVESTMENTS)), (471, 116));
+    assert_eq!((count(&train, twitter::IPO), count(&test, twitter::IPO)), (44, 14));
+    assert_eq!(test.iter().filter(|(e, _)| e.deal).count(), 130);
+}
+
+#[test]
+fn every_modern_label_joins_to_a_pool_item() {
+    let Some(dir) = data_dir() else { return };
+    let pools = modern::read_pools(&dir).unwrap();
+    let rows = modern::read_labels(&modern::default_labels_path()).unwrap();
+    let missing: Vec<_> = rows.iter().filter(|r| !pools.contains_key(&r.id)).map(|r| r.id.as_str()).collect();
+    assert!(missing.is_empty(), "{} label ids not in ../shared/data, e.g. {:?}", missing.len(), &missing[..missing.len().min(5)]);
+}
+
+#[test]
+fn modern_labels_are_well_formed_and_meet_the_quotas() {
+    let rows = modern::read_labels(&modern::default_labels_path()).unwrap();
+    let ids: HashSet<_> = rows.iter().map(|r| &r.id).collect();
+    assert_eq!(ids.len(), rows.len(), "one label per id");
+    let mut subtypes: HashMap<&str, usize> = HashMap::new();
+    for r in &rows {
+        assert!(matches!(r.label.as_str(), "DEAL" | "NONDEAL"), "{}", r.id);
+        assert_eq!(r.label == "NONDEAL", r.subtype == "OTHER", "{}: {} {}", r.id, r.label, r.subtype);
+        assert!(r.split().is_some(), "{}: split {}", r.id, r.split);
+        *subtypes.entry(r.subtype.as_str()).or_default() += 1;
+    }
+    assert!(rows.len() >= 6000);
+    assert!(rows.iter().filter(|r| r.label == "DEAL").count() >= 1500);
+    for s in ["MA", "INVEST", "IPO", "CONTRACT"] {
+        assert!(subtypes[s] >= 150, "{s}: {}", subtypes[s]);
+    }
+    let test: Vec<_> = rows.iter().filter(|r| r.split == "test").collect();
+    assert!(test.len() >= 1000);
+    assert!(test.iter().all(|r| !r.id.starts_with("twitter-topic-")), "the modern test split holds modern pool items only");
+}
+
+#[test]
+fn corpus_keeps_test_texts_out_of_training() {
+    let Some(dir) = data_dir() else { return };
+    let corpus = data::Corpus::load(&dir, &modern::default_labels_path()).unwrap();
+    let test_keys: HashSet<String> = corpus.test.iter().flat_map(|(_, s)| s.iter().map(data::dedup_key)).collect();
+    for (name, set) in corpus.train.iter().chain(&corpus.validation) {
+        let leaked = set.iter().filter(|e| test_keys.contains(&data::dedup_key(e))).count();
+        assert_eq!(leaked, 0, "{name}: {leaked} test texts in training or validation");
+    }
+    let sizes: Vec<_> = corpus.test.iter().map(|(n, s)| (*n, s.len())).collect();
+    assert_eq!(sizes[0], ("reuters", 3299));
+    assert_eq!(sizes[1], ("twitter", 4117));
+}
+
+/// Cohen's kappa of the independent double annotation (binary label and subtype).
+#[test]
+fn double_annotation_agreement_is_at_least_0_85() {
+    #[derive(serde::Deserialize)]
+    struct Read {
+        label: String,
+        subtype: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct Pair {
+        first: Read,
+        second: Read,
+    }
+    let path = modern::default_labels_path().with_file_name("double-annotation.jsonl");
+    let pairs: Vec<Pair> = std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(pairs.len() >= 400);
+    let kappa = |a: Vec<&str>, b: Vec<&str>| {
+        let n = a.len() as f64;
+        let observed = a.iter().zip(&b).filter(|(x, y)| x == y).count() as f64 / n;
+        let mut ca: HashMap<&str, f64> = HashMap::new();
+        let mut cb: HashMap<&str, f64> = HashMap::new();
+        for (x, y) in a.iter().zip(&b) {
+            *ca.entry(x).or_default() += 1.0;
+            *cb.entry(y).or_default() += 1.0;
+        }
+        let expected: f64 = ca.iter().map(|(k, v)| v * cb.get(k).copied().unwrap_or(0.0)).sum::<f64>() / (n * n);
+        (observed - expected) / (1.0 - expected)
+    };
+    let binary = kappa(pairs.iter().map(|p| p.first.label.as_str()).collect(), pairs.iter().map(|p| p.second.label.as_str()).collect());
+    let subtype = kappa(pairs.iter().map(|p| p.first.subtype.as_str()).collect(), pairs.iter().map(|p| p.second.subtype.as_str()).collect());
+    eprintln!("kappa: label {binary:.3}, subtype {subtype:.3} over {} items", pairs.len());
+    assert!(binary >= 0.85 && subtype >= 0.85, "kappa label {binary:.3}, subtype {subtype:.3}");
+}
