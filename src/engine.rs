@@ -148,6 +148,7 @@ impl Engine {
 
     /// Classifies documents; results come back in input order.
     pub async fn classify(&self, docs: Vec<Doc>, options: Options, deadline: Option<Instant>, admission: Admission) -> Result<Vec<DocumentResult>, EngineError> {
+        let started = Instant::now();
         let encoder = self.encoder.clone();
         let max_chunks = self.max_chunks;
         let (encoded, ids) = tokio::task::spawn_blocking(move || {
@@ -179,7 +180,7 @@ impl Engine {
         let answers = match deadline {
             Some(d) => tokio::time::timeout_at(d.into(), wait_all)
                 .await
-                .map_err(|_| EngineError::DeadlineExceeded(Duration::ZERO))?,
+                .map_err(|_| EngineError::DeadlineExceeded(started.elapsed()))?,
             None => wait_all.await,
         };
         let mut scored = Vec::with_capacity(answers.len());

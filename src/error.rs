@@ -13,6 +13,9 @@ pub enum ModelError {
     Tokenizer(String),
     #[error("weights: {0}")]
     Weights(#[from] candle_core::Error),
+    /// The compute backend could not start (accelerator runtime, device, compiled artifacts).
+    #[error("{0}")]
+    Backend(String),
 }
 
 impl ModelError {

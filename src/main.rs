@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use dealsift::backend::neuron::{self, NeuronOptions};
 use dealsift::batcher::BatcherConfig;
 use dealsift::server::{self, ModelSpec, ServerConfig};
 use dealsift::service::Limits;
@@ -136,7 +137,10 @@ impl From<LongTextArg> for LongText {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum BackendArg {
+    /// The candle model on the CPU.
     Cpu,
+    /// AWS Neuron (Trainium): the model's compiled NEFFs (neuron/manifest.json) through libnrt.
+    Neuron,
 }
 
 #[derive(Parser)]
@@ -153,6 +157,12 @@ struct ServeArgs {
     /// CPU threads for the model's math (default: all cores).
     #[arg(long, env = "DEALSIFT_THREADS")]
     threads: Option<usize>,
+    /// Folder holding the Neuron runtime library, libnrt.so.1 (--backend neuron).
+    #[arg(long, env = "DEALSIFT_NEURON_LIB_DIR", default_value = dealsift::backend::neuron::DEFAULT_LIB_DIR)]
+    neuron_lib_dir: PathBuf,
+    /// Seconds one Neuron execution may take before it fails (sets NEURON_RT_EXEC_TIMEOUT).
+    #[arg(long, env = "DEALSIFT_NEURON_EXEC_TIMEOUT_S", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    neuron_exec_timeout_s: u32,
     /// Cap on the model window in tokens (default: what the model was trained for).
     #[arg(long, env = "DEALSIFT_MAX_SEQUENCE_LENGTH")]
     max_sequence_length: Option<usize>,
@@ -230,6 +240,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         // candle's CPU kernels size their thread pool from this variable on first use.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
+    let neuron = NeuronOptions { lib_dir: args.neuron_lib_dir.clone(), exec_timeout_s: args.neuron_exec_timeout_s };
+    if matches!(args.backend, BackendArg::Neuron) {
+        // libnrt reads it at nrt_init; set here, while the process has a single thread.
+        std::env::set_var(neuron::EXEC_TIMEOUT_ENV, neuron.exec_timeout_s.to_string());
+    }
     let batcher = BatcherConfig {
         max_batch_tokens: args.max_batch_tokens,
         max_batch_size: args.max_batch_size,
@@ -252,6 +267,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!(addr = %listener.local_addr()?, model_dir = %spec.dir.display(), "listening; loading model");
         let load = move |on_fatal| match args.backend {
             BackendArg::Cpu => server::load_cpu(&spec, batcher, max_chunks, on_fatal),
+            BackendArg::Neuron => server::load_neuron(&spec, &neuron, batcher, max_chunks, on_fatal),
         };
         server::run(listener, load, config, shutdown_signal()).await?;
         tracing::info!("stopped");

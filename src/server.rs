@@ -12,6 +12,7 @@ use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::neuron::{self, NeuronOptions, RuntimeLibrary};
 use crate::backend::Backend;
 use crate::batcher::{Batcher, BatcherConfig};
 use crate::engine::{Admission, Doc, Engine, ModelDir, Options};
@@ -38,6 +39,8 @@ pub enum ServeError {
     Load(#[from] ModelError),
     #[error("model failed its warm-up: {0}")]
     Warmup(String),
+    #[error("server reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -55,6 +58,16 @@ pub fn load_cpu(spec: &ModelSpec, batcher: BatcherConfig, max_chunks: usize, on_
     let model = ModelDir::open(&spec.dir, spec.max_sequence_length)?;
     let backend = CpuBackend::load(&spec.dir, &model.config, batcher.max_batch_size, model.window)?;
     start_engine(model, vec![Box::new(backend)], batcher, max_chunks, on_fatal)
+}
+
+/// Opens a model directory's compiled NEFFs (`neuron/manifest.json`) on every visible
+/// NeuronCore and starts its batcher. libnrt is loaded first: without the Neuron SDK that is
+/// the error worth reporting, before anything about the model.
+pub fn load_neuron(spec: &ModelSpec, options: &NeuronOptions, batcher: BatcherConfig, max_chunks: usize, on_fatal: FatalHook) -> Result<Engine, ModelError> {
+    let library = RuntimeLibrary::open(&options.lib_dir)?;
+    let model = ModelDir::open(&spec.dir, spec.max_sequence_length)?;
+    let executors = neuron::load_executors(library, &model, options)?;
+    start_engine(model, executors, batcher, max_chunks, on_fatal)
 }
 
 /// Wires a model directory's tokenizer and already-loaded executors into an engine.
@@ -88,13 +101,11 @@ where
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| ServeError::Warmup(format!("reflection: {e}")))?;
+        .build_v1()?;
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .map_err(|e| ServeError::Warmup(format!("reflection: {e}")))?;
+        .build_v1alpha()?;
 
     let state = Arc::new(State::new(config.limits.clone()));
     let service = DealClassifierServer::new(DealService::new(state.clone()))

@@ -2,6 +2,7 @@
 //! batcher decides what goes into a batch and which shape it is padded to.
 
 pub mod cpu;
+pub mod neuron;
 
 use crate::error::BackendError;
 
