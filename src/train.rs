@@ -13,6 +13,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
+use crate::backend::{Batch, Bucket};
 use crate::data::{Corpus, Example};
 use crate::metrics::{best_threshold, fit_temperature, roc_auc, Confusion};
 use crate::model::{BertClassifier, BertConfig, Kernels};
@@ -325,18 +326,13 @@ type BatchTensors = (Tensor, Tensor, Tensor, Tensor);
 
 fn batch_tensors(items: &[Item], batch: &[usize], pad_id: u32, deal_weight: f64, device: &Device) -> Result<BatchTensors, TrainError> {
     let seq = batch.iter().map(|&i| items[i].ids.len()).max().unwrap_or(1);
-    let mut ids = vec![pad_id; batch.len() * seq];
-    let mut mask = vec![0u32; batch.len() * seq];
-    for (row, &i) in batch.iter().enumerate() {
-        let t = &items[i].ids;
-        ids[row * seq..row * seq + t.len()].copy_from_slice(t);
-        mask[row * seq..row * seq + t.len()].fill(1);
-    }
+    let shape = Bucket { batch: batch.len(), seq };
+    let packed = Batch::pack(batch.iter().map(|&i| items[i].ids.as_slice()), shape, pad_id);
     let labels: Vec<u32> = batch.iter().map(|&i| items[i].deal as u32).collect();
     let weights: Vec<f32> = batch.iter().map(|&i| if items[i].deal { deal_weight as f32 } else { 1.0 }).collect();
     Ok((
-        Tensor::from_vec(ids, (batch.len(), seq), device)?,
-        Tensor::from_vec(mask, (batch.len(), seq), device)?,
+        Tensor::from_vec(packed.input_ids, (batch.len(), seq), device)?,
+        Tensor::from_vec(packed.attention_mask, (batch.len(), seq), device)?,
         Tensor::from_vec(labels, batch.len(), device)?,
         Tensor::from_vec(weights, batch.len(), device)?,
     ))
