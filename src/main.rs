@@ -57,7 +57,7 @@ struct TrainArgs {
     /// Window in tokens, special tokens included (also what the server reads by default).
     #[arg(long, default_value_t = 128)]
     max_len: usize,
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(long, default_value_t = 1.5e-4)]
     learning_rate: f64,
     #[arg(long, default_value_t = 0.01)]
     weight_decay: f64,
@@ -73,7 +73,7 @@ struct TrainArgs {
     #[arg(long = "limit", value_parser = parse_limit, default_values = ["reuters=3000", "twitter=6000"])]
     limits: Vec<(String, usize)>,
     /// Bottom encoder layers kept frozen (with the embeddings) for a faster backward pass.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 2)]
     frozen_layers: usize,
     /// Stop after this many steps (smoke tests).
     #[arg(long)]
