@@ -332,12 +332,9 @@ fn classify(args: ClassifyCli) -> anyhow::Result<()> {
         documents.extend(dealsift::client::read_documents(path)?);
     }
     anyhow::ensure!(!documents.is_empty(), "nothing to classify: pass texts or --file");
-    let long_text = match args.long_text {
-        None => dealsift::proto::LongText::Unspecified,
-        Some(LongTextArg::Truncate) => dealsift::proto::LongText::Truncate,
-        Some(LongTextArg::ChunkMax) => dealsift::proto::LongText::ChunkMax,
-        Some(LongTextArg::ChunkMean) => dealsift::proto::LongText::ChunkMean,
-    };
+    let long_text = args
+        .long_text
+        .map_or(dealsift::proto::LongText::Unspecified, |mode| LongText::from(mode).into());
     let request = dealsift::client::ClassifyArgs {
         addr: args.server,
         documents,

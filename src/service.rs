@@ -122,6 +122,16 @@ fn options(raw: Option<&proto::ClassifyOptions>, engine: &Engine, limits: &Limit
     Ok(Options { threshold, long_text })
 }
 
+impl From<LongText> for proto::LongText {
+    fn from(mode: LongText) -> Self {
+        match mode {
+            LongText::Truncate => Self::Truncate,
+            LongText::ChunkMax => Self::ChunkMax,
+            LongText::ChunkMean => Self::ChunkMean,
+        }
+    }
+}
+
 fn document(raw: proto::Document, field: &str, limits: &Limits) -> Result<Doc, Status> {
     if raw.text.trim().is_empty() {
         return Err(Status::invalid_argument(format!("{field}.text is empty or whitespace; send the news text to classify")));
@@ -244,11 +254,7 @@ fn model_info(engine: &Engine, limits: &Limits) -> ModelInfo {
             b.iter().map(|b| proto::Bucket { batch_size: b.batch as u32, sequence_length: b.seq as u32 }).collect()
         }
     };
-    let default_long_text = match limits.default_long_text {
-        LongText::Truncate => proto::LongText::Truncate,
-        LongText::ChunkMax => proto::LongText::ChunkMax,
-        LongText::ChunkMean => proto::LongText::ChunkMean,
-    };
+    let default_long_text = proto::LongText::from(limits.default_long_text);
     ModelInfo {
         model_id: engine.model.model_id.clone(),
         model_version: engine.model.version.clone(),
