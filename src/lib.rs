@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod batcher;
+pub mod bench;
 pub mod client;
 pub mod data;
 pub mod engine;

@@ -7,6 +7,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use dealsift::backend::neuron::{self, NeuronOptions};
+use dealsift::backend::cpu::CpuKernels;
+use dealsift::bench;
 use dealsift::batcher::BatcherConfig;
 use dealsift::server::{self, ModelSpec, ServerConfig};
 use dealsift::service::Limits;
@@ -32,6 +34,91 @@ enum Command {
     Train(TrainArgs),
     /// Score the test sets and report precision, recall, F1, ROC-AUC and the worst errors.
     Eval(EvalArgs),
+    /// Benchmarks: the backend in process, a realistic workload, a load generator.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Time the CPU backend alone over a grid of batch sizes and sequence lengths.
+    Backend(BenchBackendArgs),
+    /// Write the realistic workload (Reuters test bodies + twitter validation texts) as JSONL.
+    Workload(BenchWorkloadArgs),
+    /// Drive a running server (--server) or the same pipeline in process with documents.
+    Load(BenchLoadArgs),
+}
+
+#[derive(Parser)]
+struct BenchBackendArgs {
+    #[arg(long, env = "DEALSIFT_MODEL_DIR", default_value = DEFAULT_MODEL_DIR)]
+    model_dir: PathBuf,
+    #[arg(long, value_enum, default_value = "fast")]
+    cpu_kernels: CpuKernelsArg,
+    /// Batch sizes.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    batch: Vec<usize>,
+    /// Sequence lengths (tokens, all real).
+    #[arg(long, value_delimiter = ',', default_value = "128,256")]
+    seq: Vec<usize>,
+    /// Seconds per shape, at least.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Timed calls per shape, at least.
+    #[arg(long, default_value_t = 10)]
+    iterations: usize,
+    /// CPU threads (default: all cores).
+    #[arg(long, env = "DEALSIFT_THREADS")]
+    threads: Option<usize>,
+    /// Print JSON lines instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Parser)]
+struct BenchWorkloadArgs {
+    #[arg(long, env = "DEALSIFT_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Output file (holds data set texts: keep it out of the repository).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Parser)]
+struct BenchLoadArgs {
+    /// Server to load; without it the model runs in process behind the same engine.
+    #[arg(long)]
+    server: Option<String>,
+    /// Model for the in-process run.
+    #[arg(long, env = "DEALSIFT_MODEL_DIR", default_value = DEFAULT_MODEL_DIR)]
+    model_dir: PathBuf,
+    /// Documents (JSONL with "text", or plain lines); default: the file `bench workload` writes.
+    #[arg(long)]
+    workload: Option<PathBuf>,
+    /// Concurrent callers (closed loop).
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Calls per second (open loop) instead of a closed loop.
+    #[arg(long, conflicts_with = "sweep")]
+    rate: Option<f64>,
+    /// Closed loop first to find the maximum, then open loop at 50% and 90% of it.
+    #[arg(long)]
+    sweep: bool,
+    /// Documents per call.
+    #[arg(long, default_value_t = 8)]
+    docs_per_call: usize,
+    /// Seconds measured (per run).
+    #[arg(long, default_value_t = 30.0)]
+    duration: f64,
+    /// Seconds of load before measuring.
+    #[arg(long, default_value_t = 5.0)]
+    warmup: f64,
+    /// CPU threads for the in-process model (default: all cores).
+    #[arg(long, env = "DEALSIFT_THREADS")]
+    threads: Option<usize>,
+    /// Print JSON lines instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Parser)]
@@ -143,6 +230,23 @@ enum BackendArg {
     Neuron,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum CpuKernelsArg {
+    /// Token-packed batches and fused, vectorised f32 kernels.
+    Fast,
+    /// The candle model (the accuracy reference; slower).
+    Reference,
+}
+
+impl From<CpuKernelsArg> for CpuKernels {
+    fn from(v: CpuKernelsArg) -> Self {
+        match v {
+            CpuKernelsArg::Fast => CpuKernels::Fast,
+            CpuKernelsArg::Reference => CpuKernels::Reference,
+        }
+    }
+}
+
 #[derive(Parser)]
 struct ServeArgs {
     /// Model directory (config.json, model.safetensors, tokenizer.json).
@@ -154,6 +258,9 @@ struct ServeArgs {
     /// Compute backend.
     #[arg(long, env = "DEALSIFT_BACKEND", value_enum, default_value = "cpu")]
     backend: BackendArg,
+    /// CPU implementation of the model (--backend cpu).
+    #[arg(long, env = "DEALSIFT_CPU_KERNELS", value_enum, default_value = "fast")]
+    cpu_kernels: CpuKernelsArg,
     /// CPU threads for the model's math (default: all cores).
     #[arg(long, env = "DEALSIFT_THREADS")]
     threads: Option<usize>,
@@ -219,6 +326,17 @@ struct ClassifyCli {
     batch_size: usize,
 }
 
+impl ServeArgs {
+    fn batcher(&self) -> BatcherConfig {
+        BatcherConfig {
+            max_batch_tokens: self.max_batch_tokens,
+            max_batch_size: self.max_batch_size,
+            max_queue_sequences: self.max_queue_sequences,
+            max_queue_delay: Duration::from_micros(self.max_queue_delay_us),
+        }
+    }
+}
+
 fn main() -> std::process::ExitCode {
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -255,25 +373,84 @@ fn run() -> anyhow::Result<()> {
         Command::Classify(args) => classify(args),
         Command::Train(args) => train(args),
         Command::Eval(args) => eval(args),
+        Command::Bench(command) => bench(command),
+    }
+}
+
+/// Sizes the CPU kernels' thread pool (rayon reads the variable on first use), while the
+/// process still has one thread.
+fn set_threads(threads: Option<usize>) {
+    if let Some(n) = threads {
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}
+
+fn bench(command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Backend(args) => {
+            set_threads(args.threads);
+            let kernels: CpuKernels = args.cpu_kernels.into();
+            let rows = bench::backend_grid(&args.model_dir, kernels, &args.batch, &args.seq, Duration::from_secs_f64(args.seconds), args.iterations)?;
+            if !args.json {
+                println!("kernels    batch  seq  iters  median ms  p10 ms  p90 ms   seq/s");
+            }
+            for r in rows {
+                if args.json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    println!("{:<9} {:>6} {:>4} {:>6} {:>10.1} {:>7.1} {:>7.1} {:>7.1}", r.kernels, r.batch, r.seq, r.iterations, r.median_ms, r.p10_ms, r.p90_ms, r.sequences_per_s);
+                }
+            }
+            Ok(())
+        }
+        BenchCommand::Workload(args) => {
+            let data_dir = args.data_dir.unwrap_or_else(dealsift::data::default_data_dir);
+            let out = args.out.unwrap_or_else(bench::default_workload_path);
+            let n = bench::write_workload(&data_dir, &out)?;
+            println!("wrote {n} documents to {}", out.display());
+            Ok(())
+        }
+        BenchCommand::Load(args) => {
+            set_threads(args.threads);
+            let workload = args.workload.clone().unwrap_or_else(bench::default_workload_path);
+            let docs = std::sync::Arc::new(bench::read_workload(&workload).with_context(|| "no workload: run `dealsift bench workload` or pass --workload")?);
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(async move {
+                let batcher = ServeArgs::parse_from(["serve"]).batcher();
+                let target = bench::Target::open(args.server.as_deref(), &args.model_dir, batcher).await?;
+                let (warmup, duration) = (Duration::from_secs_f64(args.warmup), Duration::from_secs_f64(args.duration));
+                let mut paces = vec![match args.rate {
+                    Some(calls_per_s) => bench::Pace::Open { calls_per_s },
+                    None => bench::Pace::Closed { concurrency: args.concurrency },
+                }];
+                let mut i = 0;
+                while i < paces.len() {
+                    let report = bench::run_load(&target, docs.clone(), args.docs_per_call, paces[i], warmup, duration).await?;
+                    if args.json {
+                        println!("{}", serde_json::to_string(&report)?);
+                    } else {
+                        print!("{}", bench::render_load(&report));
+                    }
+                    if args.sweep && i == 0 {
+                        let max_calls = report.calls as f64 / report.seconds;
+                        paces.extend([0.5, 0.9].map(|f| bench::Pace::Open { calls_per_s: f * max_calls }));
+                    }
+                    i += 1;
+                }
+                Ok(())
+            })
+        }
     }
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    if let Some(n) = args.threads {
-        // candle's CPU kernels size their thread pool from this variable on first use.
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    }
+    set_threads(args.threads);
     let neuron = NeuronOptions { lib_dir: args.neuron_lib_dir.clone(), exec_timeout_s: args.neuron_exec_timeout_s };
     if matches!(args.backend, BackendArg::Neuron) {
         // libnrt reads it at nrt_init; set here, while the process has a single thread.
         std::env::set_var(neuron::EXEC_TIMEOUT_ENV, neuron.exec_timeout_s.to_string());
     }
-    let batcher = BatcherConfig {
-        max_batch_tokens: args.max_batch_tokens,
-        max_batch_size: args.max_batch_size,
-        max_queue_sequences: args.max_queue_sequences,
-        max_queue_delay: Duration::from_micros(args.max_queue_delay_us),
-    };
+    let batcher = args.batcher();
     let limits = Limits {
         max_documents_per_request: args.max_documents_per_request,
         max_document_bytes: args.max_document_bytes,
@@ -282,7 +459,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         default_long_text: args.long_text.into(),
     };
     let config = ServerConfig { batcher: batcher.clone(), limits, max_message_bytes: args.max_message_bytes };
-    let spec = ModelSpec { dir: args.model_dir.clone(), max_sequence_length: args.max_sequence_length };
+    let spec = ModelSpec { dir: args.model_dir.clone(), max_sequence_length: args.max_sequence_length, cpu_kernels: args.cpu_kernels.into() };
     let max_chunks = args.max_chunks_per_document;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
@@ -351,9 +528,7 @@ fn classify(args: ClassifyCli) -> anyhow::Result<()> {
 }
 
 fn train(args: TrainArgs) -> anyhow::Result<()> {
-    if let Some(n) = args.threads {
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    }
+    set_threads(args.threads);
     anyhow::ensure!(
         args.base_model.join("model.safetensors").is_file(),
         "no base model at {}: run tools/fetch_base_model.sh first",
@@ -399,7 +574,7 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
                 (dealsift::eval::Scorer::Remote(client), info.default_threshold)
             }
             None => {
-                let spec = ModelSpec { dir: args.model_dir.clone(), max_sequence_length: None };
+                let spec = ModelSpec { dir: args.model_dir.clone(), max_sequence_length: None, cpu_kernels: CpuKernels::Fast };
                 let batcher = BatcherConfig {
                     max_batch_tokens: 8192,
                     max_batch_size: 64,

@@ -11,7 +11,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
-use crate::backend::cpu::CpuBackend;
+use crate::backend::cpu::{CpuBackend, CpuKernels};
 use crate::backend::neuron::{self, NeuronOptions, RuntimeLibrary};
 use crate::backend::Backend;
 use crate::batcher::{Batcher, BatcherConfig};
@@ -51,12 +51,14 @@ pub struct ModelSpec {
     pub dir: PathBuf,
     /// Caps the model's window (tokens, special tokens included).
     pub max_sequence_length: Option<usize>,
+    /// Which implementation the CPU backend runs.
+    pub cpu_kernels: CpuKernels,
 }
 
 /// Opens a model directory on the CPU backend and starts its batcher.
 pub fn load_cpu(spec: &ModelSpec, batcher: BatcherConfig, max_chunks: usize, on_fatal: FatalHook) -> Result<Engine, ModelError> {
     let model = ModelDir::open(&spec.dir, spec.max_sequence_length)?;
-    let backend = CpuBackend::load(&spec.dir, &model.config, batcher.max_batch_size, model.window)?;
+    let backend = CpuBackend::load(&spec.dir, &model.config, batcher.max_batch_size, model.window, spec.cpu_kernels)?;
     start_engine(model, vec![Box::new(backend)], batcher, max_chunks, on_fatal)
 }
 

@@ -15,7 +15,7 @@ fn shipped() -> PathBuf {
 }
 
 fn engine() -> Engine {
-    let spec = ModelSpec { dir: shipped(), max_sequence_length: None };
+    let spec = ModelSpec { dir: shipped(), max_sequence_length: None, cpu_kernels: Default::default() };
     let batcher = BatcherConfig { max_batch_tokens: 8192, max_batch_size: 32, max_queue_sequences: 256, max_queue_delay: Duration::from_millis(1) };
     load_cpu(&spec, batcher, 16, Arc::new(|_| {})).expect("the shipped model loads")
 }

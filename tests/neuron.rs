@@ -156,7 +156,7 @@ impl Fixture {
 
     /// The loader `dealsift serve --backend neuron` runs.
     fn loader(&self, config: &ServerConfig) -> impl FnOnce(FatalHook) -> Result<Engine, ModelError> + Send + 'static {
-        let spec = ModelSpec { dir: self.model_dir.clone(), max_sequence_length: None };
+        let spec = ModelSpec { dir: self.model_dir.clone(), max_sequence_length: None, cpu_kernels: Default::default() };
         let options = options(&self.lib_dir);
         let batcher = config.batcher.clone();
         let max_chunks = config.limits.max_chunks_per_document;

@@ -55,7 +55,7 @@ pub fn loader(
     let max_chunks = config.limits.max_chunks_per_document;
     move |on_fatal| {
         let model = ModelDir::open(&fixture_dir(), Some(128))?;
-        let cpu = CpuBackend::load(&fixture_dir(), &model.config, batcher.max_batch_size, model.window)?;
+        let cpu = CpuBackend::load(&fixture_dir(), &model.config, batcher.max_batch_size, model.window, Default::default())?;
         server::start_engine(model, vec![wrap(cpu)], batcher, max_chunks, on_fatal)
     }
 }
