@@ -14,6 +14,11 @@ use dealsift::server::{self, ModelSpec, ServerConfig};
 use dealsift::service::Limits;
 use dealsift::tokenize::LongText;
 
+/// candle allocates a fresh buffer for every tensor op; glibc serves large ones with
+/// mmap/munmap, so each training step would re-fault its activations. mimalloc reuses them.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The model shipped in this repository, loaded when no --model-dir is given.
 const DEFAULT_MODEL_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/dealsift-minilm-l6");
 
@@ -137,7 +142,7 @@ struct TrainArgs {
     labels: Option<PathBuf>,
     #[arg(long, default_value_t = 20261126)]
     seed: u64,
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 3)]
     epochs: usize,
     #[arg(long, default_value_t = 32)]
     batch_size: usize,

@@ -123,11 +123,14 @@ pub fn erf(x: f32) -> f32 {
 }
 
 multiversion! {
-    /// x <- gelu(x), the exact (erf) form BERT was trained with.
-    pub fn gelu(x: &mut [f32]) {
-        for v in x.iter_mut() {
-            let u = *v;
-            *v = 0.5 * u * (1.0 + erf(u * std::f32::consts::FRAC_1_SQRT_2));
+    /// Each `bias.len()`-wide row of `x` becomes gelu(x + bias), the exact (erf) GELU
+    /// BERT was trained with.
+    pub fn bias_gelu(x: &mut [f32], bias: &[f32]) {
+        for row in x.chunks_exact_mut(bias.len()) {
+            for (v, b) in row.iter_mut().zip(bias) {
+                let u = *v + b;
+                *v = 0.5 * u * (1.0 + erf(u * std::f32::consts::FRAC_1_SQRT_2));
+            }
         }
     }
 }
@@ -158,13 +161,18 @@ multiversion! {
 }
 
 multiversion! {
-    /// Each `gamma.len()`-wide row of `x` becomes LayerNorm(x + residual).
-    pub fn add_layer_norm(x: &mut [f32], residual: Option<&[f32]>, gamma: &[f32], beta: &[f32], eps: f32) {
+    /// Each `gamma.len()`-wide row of `x` becomes LayerNorm(x + residual + bias).
+    pub fn add_layer_norm(x: &mut [f32], residual: Option<&[f32]>, bias: Option<&[f32]>, gamma: &[f32], beta: &[f32], eps: f32) {
         let width = gamma.len();
         for (r, row) in x.chunks_exact_mut(width).enumerate() {
             if let Some(res) = residual {
                 for (v, a) in row.iter_mut().zip(&res[r * width..(r + 1) * width]) {
                     *v += a;
+                }
+            }
+            if let Some(bias) = bias {
+                for (v, b) in row.iter_mut().zip(bias) {
+                    *v += b;
                 }
             }
             let mean = sum(row) / width as f32;
@@ -223,8 +231,8 @@ mod tests {
             let err = (erf(x) as f64 - erf_reference(x as f64)).abs();
             assert!(err < 5e-7, "erf({x}) off by {err}");
         }
-        let mut g = xs.clone();
-        gelu(&mut g);
+        let mut g: Vec<f32> = xs.iter().map(|x| x - 0.25).collect();
+        bias_gelu(&mut g, &[0.25]);
         for (&x, &y) in xs.iter().zip(&g) {
             let want = 0.5 * x as f64 * (1.0 + erf_reference(x as f64 / 2f64.sqrt()));
             assert!(
@@ -251,9 +259,9 @@ mod tests {
         let (gamma, beta) = (vec![1.5f32; 37], vec![0.25f32; 37]);
         let mut y = orig.clone();
         let res = vec![1.0f32; y.len()];
-        add_layer_norm(&mut y, Some(&res), &gamma, &beta, 1e-12);
+        add_layer_norm(&mut y, Some(&res), Some(&[0.5; 37]), &gamma, &beta, 1e-12);
         for (row, src) in y.chunks(37).zip(orig.chunks(37)) {
-            let s: Vec<f32> = src.iter().map(|v| v + 1.0).collect();
+            let s: Vec<f32> = src.iter().map(|v| v + 1.5).collect();
             let mean = s.iter().sum::<f32>() / 37.0;
             let var = s.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / 37.0;
             for (got, v) in row.iter().zip(&s) {

@@ -291,6 +291,7 @@ impl Encoder {
             kernels::add_layer_norm(
                 x,
                 None,
+                None,
                 &self.embedding_norm.gamma,
                 &self.embedding_norm.beta,
                 eps,
@@ -324,6 +325,7 @@ impl Encoder {
                     &mut qkv[..n * 3 * h],
                     3 * h,
                     h,
+                    true,
                 );
                 dense_rows(
                     &layer.qkv,
@@ -333,6 +335,7 @@ impl Encoder {
                     &mut query[..rows * h],
                     h,
                     0,
+                    true,
                 );
                 (rows, &mut cls[..rows * h])
             } else {
@@ -344,6 +347,7 @@ impl Encoder {
                     &mut qkv[..n * 3 * h],
                     3 * h,
                     0,
+                    true,
                 );
                 (n, hidden)
             };
@@ -367,24 +371,47 @@ impl Encoder {
                 projected,
                 h,
                 0,
+                false,
             );
             par_rows2(x, projected, h, |x, a| {
                 kernels::add_layer_norm(
                     x,
                     Some(a),
+                    Some(&layer.attention_out.bias),
                     &layer.attention_norm.gamma,
                     &layer.attention_norm.beta,
                     eps,
                 )
             });
             let intermediate = &mut intermediate[..out_rows * inter];
-            dense_rows(&layer.up, 0..inter, x, out_rows, intermediate, inter, 0);
-            par_rows(intermediate, inter, kernels::gelu);
-            dense_rows(&layer.down, 0..h, intermediate, out_rows, projected, h, 0);
+            dense_rows(
+                &layer.up,
+                0..inter,
+                x,
+                out_rows,
+                intermediate,
+                inter,
+                0,
+                false,
+            );
+            par_rows(intermediate, inter, |x| {
+                kernels::bias_gelu(x, &layer.up.bias)
+            });
+            dense_rows(
+                &layer.down,
+                0..h,
+                intermediate,
+                out_rows,
+                projected,
+                h,
+                0,
+                false,
+            );
             par_rows2(x, projected, h, |x, a| {
                 kernels::add_layer_norm(
                     x,
                     Some(a),
+                    Some(&layer.down.bias),
                     &layer.output_norm.gamma,
                     &layer.output_norm.beta,
                     eps,
@@ -407,6 +434,7 @@ impl Encoder {
             &mut pooled,
             h,
             0,
+            true,
         );
         kernels::tanh(&mut pooled);
         let labels = self.dims.labels;
@@ -419,6 +447,7 @@ impl Encoder {
             &mut logits,
             labels,
             0,
+            true,
         );
         logits.chunks(labels).map(<[f32]>::to_vec).collect()
     }
@@ -525,8 +554,10 @@ fn resize(v: &mut Vec<f32>, len: usize) {
     }
 }
 
-/// `out[r, offset..offset + outs.len()] = x[r] · W[outs]ᵀ + b[outs]` for `rows` rows of
-/// `x`, where `out` rows are `out_stride` apart.
+/// `out[r, offset..offset + outs.len()] = x[r] · W[outs]ᵀ (+ b[outs] if `add_bias`)` for
+/// `rows` rows of `x`, where `out` rows are `out_stride` apart. Without `add_bias` the
+/// caller folds the bias into the next row kernel, saving a pass over the output.
+#[allow(clippy::too_many_arguments)]
 fn dense_rows(
     layer: &Dense,
     outs: std::ops::Range<usize>,
@@ -535,6 +566,7 @@ fn dense_rows(
     out: &mut [f32],
     out_stride: usize,
     offset: usize,
+    add_bias: bool,
 ) {
     let (k, n) = (layer.inputs, outs.len());
     assert!(
@@ -542,9 +574,11 @@ fn dense_rows(
             && out.len() >= (rows.max(1) - 1) * out_stride + offset + n
             && outs.end <= layer.outputs
     );
-    for r in 0..rows {
-        out[r * out_stride + offset..r * out_stride + offset + n]
-            .copy_from_slice(&layer.bias[outs.clone()]);
+    if add_bias {
+        for r in 0..rows {
+            out[r * out_stride + offset..r * out_stride + offset + n]
+                .copy_from_slice(&layer.bias[outs.clone()]);
+        }
     }
     let threads = if rows * n * k >= 1 << 16 {
         rayon::current_num_threads()
@@ -566,7 +600,7 @@ fn dense_rows(
             out.as_mut_ptr().add(offset),
             1,
             out_stride as isize,
-            true,
+            add_bias,
             x.as_ptr(),
             1,
             k as isize,
@@ -590,7 +624,12 @@ fn par_rows(x: &mut [f32], width: usize, f: impl Fn(&mut [f32]) + Sync + Send) {
 }
 
 /// Like [`par_rows`], with the matching rows of `other`.
-fn par_rows2(x: &mut [f32], other: &[f32], width: usize, f: impl Fn(&mut [f32], &[f32]) + Sync + Send) {
+fn par_rows2(
+    x: &mut [f32],
+    other: &[f32],
+    width: usize,
+    f: impl Fn(&mut [f32], &[f32]) + Sync + Send,
+) {
     let block = rows_per_task(x.len() / width) * width;
     x.par_chunks_mut(block)
         .zip(other.par_chunks(block))
