@@ -314,3 +314,23 @@ async fn missing_model_fails_the_server_with_a_clear_error() {
     let err = dealsift::server::run(listener, load, config, std::future::pending()).await.unwrap_err();
     assert!(err.to_string().contains("/nonexistent/model/config.json"), "{err}");
 }
+
+/// The load generator (`dealsift bench load`) against a real server: every call answered,
+/// documents counted, latency percentiles ordered, server timings collected. No timing is
+/// asserted.
+#[tokio::test]
+async fn load_generator_drives_the_server_closed_and_open_loop() {
+    use dealsift::bench::{run_load, Pace, Target};
+    let server = TestServer::ready().await;
+    let target = Target::Grpc(server.client().await);
+    let docs = Arc::new((0..10).map(|i| doc(&i.to_string(), &"shares of the company rose ".repeat(i + 1))).collect::<Vec<_>>());
+    for pace in [Pace::Closed { concurrency: 3 }, Pace::Open { calls_per_s: 40.0 }] {
+        let report = run_load(&target, docs.clone(), 4, pace, Duration::from_millis(100), Duration::from_millis(500)).await.unwrap();
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert!(report.calls > 0 && report.documents == 4 * report.calls, "{report:?}");
+        let l = &report.latency_ms;
+        assert!(0.0 < l.p50 && l.p50 <= l.p90 && l.p90 <= l.p99 && l.p99 <= l.max, "{l:?}");
+        assert!(report.server_inference_us > 0.0 && report.tokens_per_s > 0.0);
+    }
+    server.stop().await.unwrap();
+}
