@@ -172,7 +172,7 @@ struct TrainArgs {
     max_steps: Option<usize>,
     #[arg(long, default_value = "dealsift-minilm-l6")]
     model_id: String,
-    #[arg(long, default_value = "1.0.0")]
+    #[arg(long, default_value = "1.1.0")]
     version: String,
     /// CPU threads (default: all cores).
     #[arg(long, env = "DEALSIFT_THREADS")]
@@ -397,6 +397,8 @@ fn bench(command: BenchCommand) -> anyhow::Result<()> {
             let kernels: CpuKernels = args.cpu_kernels.into();
             let rows = bench::backend_grid(&args.model_dir, kernels, &args.batch, &args.seq, Duration::from_secs_f64(args.seconds), args.iterations)?;
             if !args.json {
+                let simd = *dealsift_cpu_encoder::kernels::SIMD;
+                println!("threads {}, row kernels {simd:?}", rayon::current_num_threads());
                 println!("kernels    batch  seq  iters  median ms  p10 ms  p90 ms   seq/s");
             }
             for r in rows {

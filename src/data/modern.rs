@@ -55,6 +55,8 @@ pub fn read_pools(data_dir: &Path) -> Result<HashMap<String, String>, DataError>
         "wiki-current-events/uncategorized_2021_2026.jsonl",
         "wiki-current-events/business_sci_tech_2015_2021.jsonl",
         "twitter-financial-news-sentiment/tweets.jsonl",
+        "uci-news-aggregator-2014/business_scitech_headlines.jsonl",
+        "wikinews-economy/economy_and_business.jsonl",
     ] {
         let path = data_dir.join(file);
         let body = std::fs::read_to_string(&path).map_err(|e| DataError::io(&path, e))?;

@@ -203,9 +203,6 @@ impl Encoder {
         })
     }
 
-    pub fn dims(&self) -> &Dims {
-        &self.dims
-    }
 
     /// Logits for each row of a padded (rows, seq) batch. Each row's mask must be a run of
     /// ones then zeros (padding at the end), with at least one token.
