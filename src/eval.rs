@@ -15,7 +15,7 @@ use crate::tokenize::LongText;
 
 /// Where documents are scored.
 pub enum Scorer {
-    Local(Engine),
+    Local(Box<Engine>),
     Remote(DealClassifierClient<tonic::transport::Channel>),
 }
 

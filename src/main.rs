@@ -590,7 +590,7 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
                 };
                 let engine = server::load_cpu(&spec, batcher, 16, std::sync::Arc::new(|_| {}))?;
                 let threshold = engine.model.threshold;
-                (dealsift::eval::Scorer::Local(engine), threshold)
+                (dealsift::eval::Scorer::Local(Box::new(engine)), threshold)
             }
         };
         let threshold = args.threshold.unwrap_or(default_threshold);

@@ -65,7 +65,7 @@ fn single_sequence_logits_match_transformers() {
     for kernels in KERNELS {
         let mut model = model(kernels);
         for case in &reference.cases {
-            let got = run(&mut model, &[case.input_ids.clone()], &[vec![1; case.input_ids.len()]]);
+            let got = run(&mut model, std::slice::from_ref(&case.input_ids), &[vec![1; case.input_ids.len()]]);
             let diff = max_abs_diff(&got[0], &case.logits);
             assert!(diff <= TOLERANCE, "{kernels:?} {}: max abs diff {diff} > {TOLERANCE} ({:?} vs {:?})", case.name, got[0], case.logits);
         }
