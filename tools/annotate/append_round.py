@@ -15,14 +15,9 @@ import json, sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from merge_labels import fnv1a  # the same validation rule as round 1
+
 VALIDATION_PERMILLE = 100
-
-
-def fnv1a(s):
-    h = 0xcbf29ce484222325
-    for b in s.encode():
-        h = ((h ^ b) * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
-    return h
 
 
 def kappa(pairs):

@@ -203,7 +203,6 @@ impl Encoder {
         })
     }
 
-
     /// Logits for each row of a padded (rows, seq) batch. Each row's mask must be a run of
     /// ones then zeros (padding at the end), with at least one token.
     pub fn forward(
@@ -360,26 +359,15 @@ impl Encoder {
                 &mut context[..out_rows * h],
             );
             let projected = &mut projected[..out_rows * h];
-            dense_rows(
+            let context = &context[..out_rows * h];
+            residual_block(
                 &layer.attention_out,
-                0..h,
-                &context[..out_rows * h],
-                out_rows,
+                &layer.attention_norm,
+                context,
+                x,
                 projected,
-                h,
-                0,
-                false,
+                eps,
             );
-            par_rows2(x, projected, h, |x, a| {
-                kernels::add_layer_norm(
-                    x,
-                    Some(a),
-                    Some(&layer.attention_out.bias),
-                    &layer.attention_norm.gamma,
-                    &layer.attention_norm.beta,
-                    eps,
-                )
-            });
             let intermediate = &mut intermediate[..out_rows * inter];
             dense_rows(
                 &layer.up,
@@ -394,26 +382,14 @@ impl Encoder {
             par_rows(intermediate, inter, |x| {
                 kernels::bias_gelu(x, &layer.up.bias)
             });
-            dense_rows(
+            residual_block(
                 &layer.down,
-                0..h,
+                &layer.output_norm,
                 intermediate,
-                out_rows,
+                x,
                 projected,
-                h,
-                0,
-                false,
+                eps,
             );
-            par_rows2(x, projected, h, |x, a| {
-                kernels::add_layer_norm(
-                    x,
-                    Some(a),
-                    Some(&layer.down.bias),
-                    &layer.output_norm.gamma,
-                    &layer.output_norm.beta,
-                    eps,
-                )
-            });
         }
         if self.layers.is_empty() {
             for (r, span) in spans.iter().enumerate() {
@@ -612,6 +588,23 @@ fn dense_rows(
             parallelism,
         );
     }
+}
+
+/// `x <- LayerNorm(x + input · Wᵀ + b)`: the residual block closing attention and the
+/// feed-forward network; the bias joins the layer-norm pass. `scratch` holds the product.
+fn residual_block(
+    layer: &Dense,
+    norm: &Norm,
+    input: &[f32],
+    x: &mut [f32],
+    scratch: &mut [f32],
+    eps: f32,
+) {
+    let (width, rows) = (layer.outputs, x.len() / layer.outputs);
+    dense_rows(layer, 0..width, input, rows, scratch, width, 0, false);
+    par_rows2(x, scratch, width, |x, a| {
+        kernels::add_layer_norm(x, Some(a), Some(&layer.bias), &norm.gamma, &norm.beta, eps)
+    });
 }
 
 /// Applies `f` to blocks of whole `width`-wide rows in parallel.
