@@ -582,12 +582,7 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
             }
             None => {
                 let spec = ModelSpec { dir: args.model_dir.clone(), max_sequence_length: None, cpu_kernels: CpuKernels::Fast };
-                let batcher = BatcherConfig {
-                    max_batch_tokens: 8192,
-                    max_batch_size: 64,
-                    max_queue_sequences: 4096,
-                    max_queue_delay: Duration::from_millis(2),
-                };
+                let batcher = ServeArgs::parse_from(["serve"]).batcher();
                 let engine = server::load_cpu(&spec, batcher, 16, std::sync::Arc::new(|_| {}))?;
                 let threshold = engine.model.threshold;
                 (dealsift::eval::Scorer::Local(Box::new(engine)), threshold)

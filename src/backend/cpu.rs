@@ -10,6 +10,7 @@ use dealsift_cpu_encoder::{Dims, Encoder, EncoderError};
 
 use super::{Backend, BackendInfo, Batch, Shapes};
 use crate::error::{BackendError, ModelError};
+use crate::model::bert::encoder_root;
 use crate::model::{BertClassifier, BertConfig};
 
 /// Which implementation computes the model.
@@ -57,7 +58,7 @@ fn load_fast(vb: VarBuilder, cfg: &BertConfig) -> Result<Encoder, ModelError> {
             cfg.hidden_act
         )));
     }
-    let encoder_vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") { vb.pp("bert") } else { vb.clone() };
+    let encoder_vb = encoder_root(&vb);
     let dims = Dims {
         hidden: cfg.hidden_size,
         heads: cfg.num_attention_heads,

@@ -148,11 +148,7 @@ impl BertClassifier {
     /// layout (`bert.` prefix + `classifier`) and a bare `BertModel` checkpoint, whose
     /// missing classifier is then created through the VarBuilder (for fine-tuning).
     pub fn load(vb: VarBuilder, cfg: &BertConfig) -> Result<Self> {
-        let encoder_vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") {
-            vb.pp("bert")
-        } else {
-            vb.clone()
-        };
+        let encoder_vb = encoder_root(&vb);
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| Layer::load(encoder_vb.pp("encoder.layer").pp(i), cfg))
             .collect::<Result<Vec<_>>>()?;
@@ -205,6 +201,16 @@ impl BertClassifier {
         let cls = hidden.narrow(1, 0, 1)?.squeeze(1)?;
         let pooled = self.pooler.forward(&cls)?.tanh()?;
         self.classifier.forward(&pooled)
+    }
+}
+
+/// Where the encoder's weights start: under `bert.` in a classification checkpoint, at the
+/// root in a bare `BertModel` one. The classifier head is always at the root.
+pub fn encoder_root<'a>(vb: &VarBuilder<'a>) -> VarBuilder<'a> {
+    if vb.contains_tensor("bert.embeddings.word_embeddings.weight") {
+        vb.pp("bert")
+    } else {
+        vb.clone()
     }
 }
 
