@@ -27,7 +27,10 @@ pub struct TrainConfig {
     pub base_model: PathBuf,
     pub out_dir: PathBuf,
     pub data_dir: PathBuf,
-    pub labels: PathBuf,
+    /// Modern labels files, one per annotation round.
+    pub labels: Vec<PathBuf>,
+    /// Training sources used (of reuters, twitter, modern, funding); validation always has all.
+    pub sources: Vec<String>,
     pub model_id: String,
     pub version: String,
     pub seed: u64,
@@ -111,7 +114,7 @@ pub fn train(cfg: TrainConfig) -> Result<TrainReport, TrainError> {
     let corpus = Corpus::load(&cfg.data_dir, &cfg.labels)?;
     let mut train_items = Vec::new();
     let mut train_counts = Vec::new();
-    for (name, set) in &corpus.train {
+    for (name, set) in corpus.train.iter().filter(|(name, _)| cfg.sources.iter().any(|s| s == name)) {
         let limit = cfg.per_source_limit.iter().find(|(n, _)| n == name).map(|(_, l)| *l);
         let mut set: Vec<&Example> = set.iter().collect();
         if let Some(limit) = limit {

@@ -98,7 +98,7 @@ fn round_two_labels_are_new_well_formed_and_kept_out_of_test() {
 #[test]
 fn corpus_keeps_test_texts_out_of_training() {
     let Some(dir) = data_dir() else { return };
-    let corpus = data::Corpus::load(&dir, &modern::default_labels_path()).unwrap();
+    let corpus = data::Corpus::load(&dir, &modern::default_label_paths()).unwrap();
     let test_keys: HashSet<String> = corpus.test.iter().flat_map(|(_, s)| s.iter().map(data::dedup_key)).collect();
     for (name, set) in corpus.train.iter().chain(&corpus.validation) {
         let leaked = set.iter().filter(|e| test_keys.contains(&data::dedup_key(e))).count();

@@ -1,6 +1,7 @@
 //! Labelled data for training and evaluation, read from `../shared/data` (never copied
 //! into the repository). Every example keeps the stable id of its source item.
 
+pub mod funding;
 pub mod modern;
 pub mod reuters;
 pub mod twitter;
@@ -39,6 +40,8 @@ pub enum DataError {
     Io { path: String, source: std::io::Error },
     #[error("{path}: {message}")]
     Parse { path: String, message: String },
+    #[error("label id {0} is in no shared data pool: is the data directory complete?")]
+    UnknownLabelId(String),
 }
 
 impl DataError {
@@ -53,9 +56,12 @@ impl DataError {
 /// Deterministic validation carve-out: `permille` of ids, chosen by a hash of the id alone,
 /// so the split never depends on file order or on which other items exist.
 pub fn in_validation(id: &str, permille: u64) -> bool {
-    // FNV-1a: stable across platforms and Rust versions, unlike `DefaultHasher`.
-    let hash = id.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
-    hash % 1000 < permille
+    fnv1a(id) % 1000 < permille
+}
+
+/// 64-bit FNV-1a of an id: stable across platforms and Rust versions, unlike `DefaultHasher`.
+pub fn fnv1a(id: &str) -> u64 {
+    id.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
 }
 
 /// Lower-cased alphanumerics, single-spaced: two items with the same key are one text.
@@ -83,7 +89,8 @@ pub fn dedup(set: Vec<Example>, seen: &mut HashSet<String>) -> Vec<Example> {
 pub type Sets = Vec<(&'static str, Vec<Example>)>;
 
 /// All labelled data, split and de-duplicated: a text in a test set is never in
-/// validation or training, and a validation text never in training.
+/// validation or training, and a validation text never in training. Training also has the
+/// synthetic `funding` headlines (see [`funding`]).
 pub struct Corpus {
     pub test: Sets,
     pub validation: Sets,
@@ -96,9 +103,9 @@ pub const VALIDATION_PERMILLE: u64 = 100;
 impl Corpus {
     /// Reuters ModApte (test = ModApte test), twitter topics (test = the public validation
     /// file; training rows our annotators relabelled take their label), and the modern
-    /// labels with their committed split.
-    pub fn load(data_dir: &Path, labels: &Path) -> Result<Self, DataError> {
-        let rows = modern::read_labels(labels)?;
+    /// labels (`labels`: one file per annotation round) with their committed split.
+    pub fn load(data_dir: &Path, labels: &[PathBuf]) -> Result<Self, DataError> {
+        let rows = modern::read_label_files(labels)?;
         let relabelled: std::collections::HashMap<&str, &modern::LabelRow> =
             rows.iter().filter(|r| r.id.starts_with("twitter-topic-")).map(|r| (r.id.as_str(), r)).collect();
 
@@ -116,8 +123,9 @@ impl Corpus {
                 ex
             })
             .partition(|e| in_validation(&e.id, VALIDATION_PERMILLE));
+        let pools = modern::read_pools(data_dir)?;
         let modern_of = |split| -> Result<Vec<Example>, DataError> {
-            Ok(modern::load(data_dir, labels, split)?.into_iter().filter(|e| !e.id.starts_with("twitter-topic-")).collect())
+            Ok(modern::examples(&rows, &pools, split)?.into_iter().filter(|e| !e.id.starts_with("twitter-topic-")).collect())
         };
 
         // Test sets are reported whole (the benchmarks' own counts); their texts are kept
@@ -130,7 +138,12 @@ impl Corpus {
         let mut seen: HashSet<String> = test.iter().flat_map(|(_, set)| set.iter().map(dedup_key)).collect();
         let mut take = |sets: Sets| -> Sets { sets.into_iter().map(|(name, set)| (name, dedup(set, &mut seen))).collect() };
         let validation = take(vec![("reuters", reuters_val), ("twitter", twitter_val), ("modern", modern_of(Split::Validation)?)]);
-        let train = take(vec![("reuters", reuters_train), ("twitter", twitter_train), ("modern", modern_of(Split::Train)?)]);
+        let train = take(vec![
+            ("reuters", reuters_train),
+            ("twitter", twitter_train),
+            ("modern", modern_of(Split::Train)?),
+            ("funding", funding::load(data_dir)?),
+        ]);
         Ok(Self { test, validation, train })
     }
 }

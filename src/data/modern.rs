@@ -1,16 +1,23 @@
-//! The project's own labels for modern news items (`data/modern-labels.jsonl`, see
+//! The project's own labels for modern news items (`data/modern-labels*.jsonl`, see
 //! `data/DATA_CARD.md`), joined by stable id to the texts in `../shared/data`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
 use super::{DataError, Example, Split};
 
-/// The committed labels file.
+/// The committed labels file of round 1 (the only one with a test split).
 pub fn default_labels_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("data/modern-labels.jsonl")
+}
+
+/// Every committed labels file, in round order: what training and evaluation read by default.
+pub fn default_label_paths() -> Vec<PathBuf> {
+    let round1 = default_labels_path();
+    let round2 = round1.with_file_name("modern-labels-r2.jsonl");
+    vec![round1, round2]
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -43,6 +50,22 @@ pub fn read_labels(path: &Path) -> Result<Vec<LabelRow>, DataError> {
         .collect()
 }
 
+/// The rows of several labels files. An id labelled in two files is an error: which label
+/// would win is not obvious.
+pub fn read_label_files(paths: &[PathBuf]) -> Result<Vec<LabelRow>, DataError> {
+    let mut rows = Vec::new();
+    let mut seen = HashSet::new();
+    for path in paths {
+        for row in read_labels(path)? {
+            if !seen.insert(row.id.clone()) {
+                return Err(DataError::parse(path, format!("id {} is labelled in an earlier file too", row.id)));
+            }
+            rows.push(row);
+        }
+    }
+    Ok(rows)
+}
+
 /// Texts of every pool item the labels may refer to, by id.
 pub fn read_pools(data_dir: &Path) -> Result<HashMap<String, String>, DataError> {
     #[derive(Deserialize)]
@@ -71,18 +94,14 @@ pub fn read_pools(data_dir: &Path) -> Result<HashMap<String, String>, DataError>
     Ok(texts)
 }
 
-/// Labelled modern examples of `split`. Fails if a label's id is not in the pools.
-pub fn load(data_dir: &Path, labels: &Path, split: Split) -> Result<Vec<Example>, DataError> {
-    let pools = read_pools(data_dir)?;
-    let mut out = Vec::new();
-    for row in read_labels(labels)? {
-        if row.split() != Some(split) {
-            continue;
-        }
-        let text = pools
-            .get(&row.id)
-            .ok_or_else(|| DataError::parse(labels, format!("label id {} is not in {}", row.id, data_dir.display())))?;
-        out.push(Example { id: row.id, title: None, text: text.clone(), deal: row.label == "DEAL", subtype: Some(row.subtype) });
-    }
-    Ok(out)
+/// The labelled examples of `split`, texts taken from `pools` (see [`read_pools`]). Fails if
+/// a label's id is not in the pools.
+pub fn examples(rows: &[LabelRow], pools: &HashMap<String, String>, split: Split) -> Result<Vec<Example>, DataError> {
+    rows.iter()
+        .filter(|row| row.split() == Some(split))
+        .map(|row| {
+            let text = pools.get(&row.id).ok_or_else(|| DataError::UnknownLabelId(row.id.clone()))?;
+            Ok(Example { id: row.id.clone(), title: None, text: text.clone(), deal: row.label == "DEAL", subtype: Some(row.subtype.clone()) })
+        })
+        .collect()
 }

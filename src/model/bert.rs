@@ -6,9 +6,10 @@ use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
 
 use super::config::BertConfig;
+use super::ops;
 
-/// Which kernels to run. candle's fused softmax and layer-norm kernels are fastest but
-/// have no backward pass, so training composes them from differentiable primitives.
+/// Which kernels to run. candle's fused softmax and layer-norm kernels have no backward
+/// pass, so training uses ours (`super::ops`), which do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernels {
     Fused,
@@ -16,26 +17,9 @@ pub enum Kernels {
 }
 
 fn norm(ln: &LayerNorm, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
-    match kernels {
-        Kernels::Fused => ln.forward(x),
-        Kernels::Differentiable => {
-            let mean = x.mean_keepdim(D::Minus1)?;
-            let centered = x.broadcast_sub(&mean)?;
-            let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-            let normed = centered.broadcast_div(&(var + ln.eps())?.sqrt()?)?;
-            let scaled = normed.broadcast_mul(ln.weight())?;
-            match ln.bias() {
-                Some(b) => scaled.broadcast_add(b),
-                None => Ok(scaled),
-            }
-        }
-    }
-}
-
-fn softmax_last(x: &Tensor, kernels: Kernels) -> Result<Tensor> {
-    match kernels {
-        Kernels::Fused => candle_nn::ops::softmax_last_dim(x),
-        Kernels::Differentiable => candle_nn::ops::softmax(x, D::Minus1),
+    match (kernels, ln.bias()) {
+        (Kernels::Differentiable, Some(bias)) => ops::layer_norm(x, ln.weight(), bias, ln.eps()),
+        _ => ln.forward(x),
     }
 }
 
@@ -101,8 +85,11 @@ impl SelfAttention {
         let k = split(self.key.forward(x)?)?;
         let v = split(self.value.forward(x)?)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
-        let probs = softmax_last(&scores, kernels)?;
+        let scores = q.matmul(&k.t()?)?;
+        let probs = match kernels {
+            Kernels::Fused => candle_nn::ops::softmax_last_dim(&(scores * scale)?.broadcast_add(mask)?)?,
+            Kernels::Differentiable => ops::masked_softmax(&scores, mask, scale)?,
+        };
         let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, ()))?;
         norm(&self.norm, &self.output.forward(&ctx)?.add(x)?, kernels)
     }
@@ -127,7 +114,11 @@ impl Layer {
 
     fn forward(&self, x: &Tensor, mask: &Tensor, kernels: Kernels) -> Result<Tensor> {
         let x = self.attention.forward(x, mask, kernels)?;
-        let h = self.intermediate.forward(&x)?.gelu_erf()?;
+        let h = self.intermediate.forward(&x)?;
+        let h = match kernels {
+            Kernels::Fused => h.gelu_erf()?,
+            Kernels::Differentiable => ops::gelu(&h)?,
+        };
         norm(&self.norm, &self.output.forward(&h)?.add(&x)?, kernels)
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod bert;
 pub mod config;
+mod ops;
 
 pub use bert::{BertClassifier, Kernels};
 pub use config::BertConfig;

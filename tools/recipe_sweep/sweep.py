@@ -35,7 +35,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SETS = ("reuters", "twitter", "modern")
+SETS = ("reuters", "twitter", "modern")  # validated and tested
+SOURCES = SETS + ("funding",)  # trained on: + the synthetic funding headlines (src/data/funding.rs)
 SUBTYPES = ("MA", "STAKE", "INVEST", "IPO", "CONTRACT")
 DEFAULT_CAPS = {"reuters": 3000, "twitter": 6000}
 
@@ -48,6 +49,15 @@ CONFIGS = {
     "E": dict(epochs=3, frozen=0, lr=5e-5, max_len=256, caps=DEFAULT_CAPS),
     "F": dict(epochs=8, frozen=0, lr=5e-5, max_len=128, caps=DEFAULT_CAPS),
     "G": dict(epochs=3, frozen=0, lr=5e-5, max_len=128, caps={}),
+    # Round 2 of the modern labels is in the data from here on (export with `dealsift export-corpus`).
+    "H": dict(epochs=3, frozen=0, lr=5e-5, max_len=128, caps={}, sources=SETS),
+    "I": dict(epochs=3, frozen=0, lr=5e-5, max_len=128, caps={}, sources=SOURCES),
+    "J": dict(epochs=2, frozen=0, lr=5e-5, max_len=128, caps={}, sources=SOURCES),
+    "K": dict(epochs=3, frozen=2, lr=1.5e-4, max_len=128, caps={}, sources=SOURCES),
+    "L": dict(epochs=2, frozen=2, lr=1.5e-4, max_len=128, caps={}, sources=SOURCES),
+    "M": dict(epochs=2, frozen=0, lr=5e-5, max_len=128, caps={}, sources=SETS),
+    "N": dict(epochs=2, frozen=2, lr=1.5e-4, max_len=128, caps={}, sources=SETS),
+    "O": dict(epochs=2, frozen=2, lr=1.5e-4, max_len=128, caps={"reuters": 5000}, sources=SETS),
 }
 
 # Rust's str::trim / split_whitespace: the Unicode White_Space property.
@@ -136,7 +146,7 @@ def best_threshold(sets):
 
 def load_data(path, limit, seed):
     groups = {}
-    with gzip.open(path, "rt", encoding="utf-8") as f:
+    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
         for line in f:
             r = json.loads(line)
             groups.setdefault((r["set"], r["split"]), []).append(r)
@@ -182,7 +192,7 @@ def cap_train(records, caps, seed):
     """train.rs: keep every deal, shuffle non-deals (seeded) and keep the first `cap`."""
     out = {}
     rng = np.random.default_rng(seed)
-    for name in SETS:
+    for name in records:
         recs = records[name]
         cap = caps.get(name)
         if cap is None:
@@ -290,10 +300,10 @@ def run_config(name, cfg, data, content, enc, args, device, verbose):
     win = {k: enc.windows(v, ml) for k, v in content.items()}
 
     # Training set (caps applied once, as train.rs does).
-    train_recs = {n: data[(n, "train")] for n in SETS}
+    train_recs = {n: data.get((n, "train"), []) for n in cfg.get("sources", SETS)}
     keep = cap_train(train_recs, cfg["caps"], seed)
     train_w, train_y, train_counts = [], [], []
-    for n in SETS:
+    for n in train_recs:
         for i in keep[n]:
             train_w.append(win[(n, "train")][i])
             train_y.append(train_recs[n][i]["deal"])
@@ -376,6 +386,7 @@ def run_config(name, cfg, data, content, enc, args, device, verbose):
         f1, p, r = prf(vprobs[n], val_truth[n], thr32)
         validation[n] = {"n": int(len(val_truth[n])), "deals": int(val_truth[n].sum()), "f1": round(f1, 4),
                          "precision": round(p, 4), "recall": round(r, 4), "roc_auc": _r(roc_auc(vprobs[n], val_truth[n]))}
+    validation["modern"]["recall_by_subtype"] = recall_by_subtype(data[("modern", "validation")], vprobs["modern"], thr32)
     test = {}
     for n in SETS:
         tl = predict(model, win[(n, "test")], pad_id, device, amp, args.eval_batch)
@@ -385,13 +396,7 @@ def run_config(name, cfg, data, content, enc, args, device, verbose):
         test[n] = {"n": int(len(probs)), "deals": int(test_truth[n].sum()), "f1": round(f1, 4), "precision": round(p, 4),
                    "recall": round(r, 4), "roc_auc": _r(roc_auc(probs, test_truth[n])), "tp": tp, "fp": fp, "fn": fn, "tn": tn}
         if n == "modern":
-            by = {}
-            for rec, pr in zip(data[(n, "test")], probs):
-                if rec["deal"] and rec.get("subtype"):
-                    h = by.setdefault(rec["subtype"], [0, 0])
-                    h[1] += 1
-                    h[0] += int(pr >= thr32)
-            test[n]["recall_by_subtype"] = {k: by[k] for k in sorted(by, key=lambda s: (SUBTYPES.index(s) if s in SUBTYPES else 99, s))}
+            test[n]["recall_by_subtype"] = recall_by_subtype(data[(n, "test")], probs, thr32)
     eval_s = time.time() - t_eval
     res = {
         "config": name, **{k: v for k, v in cfg.items() if k != "caps"}, "caps": cfg["caps"] or "none",
@@ -411,18 +416,31 @@ def run_config(name, cfg, data, content, enc, args, device, verbose):
     return res
 
 
+def recall_by_subtype(records, probs, thr):
+    """{subtype: [recalled, deals]} over the deals of a modern split."""
+    by = {}
+    for rec, pr in zip(records, probs):
+        if rec["deal"] and rec.get("subtype"):
+            h = by.setdefault(rec["subtype"], [0, 0])
+            h[1] += 1
+            h[0] += int(pr >= thr)
+    return {k: by[k] for k in sorted(by, key=lambda s: (SUBTYPES.index(s) if s in SUBTYPES else 99, s))}
+
+
 def _r(x):
     return None if x is None else round(x, 4)
 
 
 def compact(res):
     c = res
-    head = f"{c['config']}: ep{c['epochs']} fr{c['frozen']} lr{c['lr']:.1e} len{c['max_len']} caps={'none' if c['caps'] == 'none' else 'r3000/t6000'}"
+    head = f"{c['config']}: ep{c['epochs']} fr{c['frozen']} lr{c['lr']:.1e} len{c['max_len']} caps={'none' if c['caps'] == 'none' else '/'.join(f'{k[0]}{v}' for k, v in c['caps'].items())}"
     v = " ".join(f"{n[0]} {c['validation'][n]['f1']:.4f}" for n in SETS)
     t = " ".join(f"{n[0]} {c['test'][n]['f1']:.4f}/{c['test'][n]['precision']:.3f}/{c['test'][n]['recall']:.3f}/{(c['test'][n]['roc_auc'] or float('nan')):.4f}" for n in SETS)
     sub = " ".join(f"{k} {h}/{n}" for k, (h, n) in c["test"]["modern"].get("recall_by_subtype", {}).items())
+    vsub = " ".join(f"{k} {h}/{n}" for k, (h, n) in c["validation"]["modern"].get("recall_by_subtype", {}).items())
+    head += f" sources={','.join(c.get('sources', SETS))}"
     return (f"RESULT {head} | {c['steps']} steps {c['train_s']:.0f}s+{c['eval_s']:.0f}s | T {c['temperature']:.3f} thr {c['threshold']:.2f} | "
-            f"val F1 {v} mean {c['validation_mean_f1']:.4f} | test F1/P/R/AUC {t} | modern recall {sub}")
+            f"val F1 {v} mean {c['validation_mean_f1']:.4f} | val modern recall {vsub} | test F1/P/R/AUC {t} | modern recall {sub}")
 
 
 def main():
@@ -478,10 +496,10 @@ def main():
             # tokens per step and by the trainable depth when the GPU is compute-bound (max of
             # the launch-bound and compute-bound estimates, so it errs long).
             room = cfg["max_len"] - len(enc.prefix) - len(enc.suffix)
-            recs = {n: data[(n, "train")] for n in SETS}
+            recs = {n: data.get((n, "train"), []) for n in cfg.get("sources", SETS)}
             keep = cap_train(recs, cfg["caps"], args.seed)
-            n_train = sum(len(keep[n]) for n in SETS)
-            tok_epoch = sum(min(len(content[(n, "train")][j]), room) + 2 for n in SETS for j in keep[n])
+            n_train = sum(len(keep[n]) for n in recs)
+            tok_epoch = sum(min(len(content[(n, "train")][j]), room) + 2 for n in recs for j in keep[n])
             per_epoch = math.ceil(n_train / args.batch_size)
             steps = per_epoch * cfg["epochs"]
             if args.max_steps:
