@@ -135,7 +135,9 @@ impl CustomOp3 for LayerNorm {
         let gammas = host_vec(gamma)?;
         let mut g = host_vec(grad)?;
         let task = width * ROWS_PER_TASK;
-        let (dgamma, dbeta) = g
+        // Per-task partial sums, added in task order: the same bits on every run (rayon's
+        // `reduce` would associate them differently from run to run).
+        let partials: Vec<(Vec<f32>, Vec<f32>)> = g
             .par_chunks_mut(task)
             .zip(xs.par_chunks(task))
             .map(|(g, x)| {
@@ -143,14 +145,12 @@ impl CustomOp3 for LayerNorm {
                 kernels::layer_norm_backward(x, g, &gammas, self.eps, &mut dgamma, &mut dbeta);
                 (dgamma, dbeta)
             })
-            .reduce(
-                || (vec![0f32; width], vec![0f32; width]),
-                |(mut ag, mut ab), (bg, bb)| {
-                    ag.iter_mut().zip(&bg).for_each(|(a, b)| *a += b);
-                    ab.iter_mut().zip(&bb).for_each(|(a, b)| *a += b);
-                    (ag, ab)
-                },
-            );
+            .collect();
+        let (mut dgamma, mut dbeta) = (vec![0f32; width], vec![0f32; width]);
+        for (pg, pb) in &partials {
+            dgamma.iter_mut().zip(pg).for_each(|(a, b)| *a += b);
+            dbeta.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
+        }
         Ok((
             Some(Tensor::from_vec(g, x.shape(), x.device())?),
             Some(Tensor::from_vec(dgamma, gamma.shape(), gamma.device())?),
