@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 
-use dealsift::data::{self, modern, reuters, twitter, Split};
+use dealsift::data::{self, funding, modern, reuters, twitter, Split};
 
 fn data_dir() -> Option<PathBuf> {
     let dir = data::default_data_dir();
@@ -141,4 +141,27 @@ fn double_annotation_agreement_is_at_least_0_85() {
     let subtype = kappa(pairs.iter().map(|p| p.first.subtype.as_str()).collect(), pairs.iter().map(|p| p.second.subtype.as_str()).collect());
     eprintln!("kappa: label {binary:.3}, subtype {subtype:.3} over {} items", pairs.len());
     assert!(binary >= 0.85 && subtype >= 0.85, "kappa label {binary:.3}, subtype {subtype:.3}");
+}
+
+/// The synthetic funding source: one deal and one non-deal headline per usable record, every
+/// template filled, ids unique, and the same set on every call.
+#[test]
+fn funding_headlines_pair_a_deal_with_a_non_deal_per_record() {
+    let Some(dir) = data_dir() else { return };
+    let set = funding::load(&dir).unwrap();
+    assert!(set.len() >= 5000, "only {} headlines from 3,044 records", set.len());
+    let deals = set.iter().filter(|e| e.deal).count();
+    assert_eq!(deals * 2, set.len(), "one deal per record");
+    for pair in set.chunks(2) {
+        let record = pair[0].id.strip_suffix("-deal").expect("deal first");
+        assert_eq!(pair[1].id, format!("{record}-other"));
+        assert!(pair[0].deal && !pair[1].deal);
+        assert_eq!((pair[0].subtype.as_deref(), pair[1].subtype.as_deref()), (Some("INVEST"), Some("OTHER")));
+    }
+    let ids: HashSet<&str> = set.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids.len(), set.len());
+    let unfilled = set.iter().find(|e| e.text.contains(['{', '}', '\\']) || e.text.split_whitespace().any(|w| w == "nan") || e.text.trim().len() < 15);
+    assert!(unfilled.is_none(), "{unfilled:?}");
+    let again = funding::load(&dir).unwrap();
+    assert!(set.iter().zip(&again).all(|(a, b)| a.id == b.id && a.text == b.text), "deterministic");
 }

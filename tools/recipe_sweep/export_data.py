@@ -23,7 +23,7 @@ import unicodedata
 from collections import Counter
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+REPO = os.path.dirname(os.path.dirname(HERE))
 VALIDATION_PERMILLE = 100
 
 # Rust's char::is_whitespace / str::split_whitespace use the Unicode White_Space property.
