@@ -56,8 +56,8 @@ enum Command {
     /// Benchmarks: the backend in process, a realistic workload, a load generator.
     #[command(subcommand)]
     Bench(BenchCommand),
-    /// Write the corpus train and eval build (every split and source, texts included) as JSONL,
-    /// for experiments outside Rust (tools/recipe_sweep). Texts stay out of the repository.
+    /// Write the corpus that train and eval build (every split and source, texts included) as
+    /// JSON lines, for experiments outside Rust (tools/recipe_sweep). Keep it out of the repository.
     ExportCorpus(ExportCorpusArgs),
 }
 

@@ -112,6 +112,11 @@ pub fn train(cfg: TrainConfig) -> Result<TrainReport, TrainError> {
 
     tracing::info!(data = %cfg.data_dir.display(), "loading data");
     let corpus = Corpus::load(&cfg.data_dir, &cfg.labels)?;
+    let known: Vec<&str> = corpus.train.iter().map(|(name, _)| *name).collect();
+    let mut named = cfg.sources.iter().chain(cfg.per_source_limit.iter().map(|(name, _)| name));
+    if let Some(unknown) = named.find(|name| !known.contains(&name.as_str())) {
+        return Err(TrainError::Invalid(format!("unknown training source {unknown:?}; the sources are {}", known.join(", "))));
+    }
     let mut train_items = Vec::new();
     let mut train_counts = Vec::new();
     for (name, set) in corpus.train.iter().filter(|(name, _)| cfg.sources.iter().any(|s| s == name)) {

@@ -18,8 +18,9 @@ pub enum Kernels {
 
 fn norm(ln: &LayerNorm, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
     match (kernels, ln.bias()) {
+        (Kernels::Fused, _) => ln.forward(x),
         (Kernels::Differentiable, Some(bias)) => ops::layer_norm(x, ln.weight(), bias, ln.eps()),
-        _ => ln.forward(x),
+        (Kernels::Differentiable, None) => candle_core::bail!("layer norm without a bias: not a BERT checkpoint"),
     }
 }
 
