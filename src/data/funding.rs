@@ -74,11 +74,9 @@ impl Round {
     /// "a Series B round", "seed funding", ...: what follows "raises $X in".
     fn phrase(self) -> String {
         match self {
-            Round::Seed => "a seed round".into(),
-            Round::Series(c) => format!("a Series {c} round"),
-            Round::PreSeriesA => "a pre-Series A round".into(),
             Round::Debt => "debt financing".into(),
             Round::Unnamed => "a funding round".into(),
+            named => format!("a {} round", named.short()),
         }
     }
 
@@ -179,13 +177,7 @@ impl Facts {
 
 /// Two examples per usable record: its INVEST headline and a non-deal one.
 pub fn load(data_dir: &Path) -> Result<Vec<Example>, DataError> {
-    let path = data_dir.join(FILE);
-    let body = std::fs::read_to_string(&path).map_err(|e| DataError::io(&path, e))?;
-    let records: Vec<Record> = body
-        .lines()
-        .enumerate()
-        .map(|(n, line)| serde_json::from_str(line).map_err(|e| DataError::parse(&path, format!("line {}: {e}", n + 1))))
-        .collect::<Result<_, _>>()?;
+    let records: Vec<Record> = super::read_jsonl(&data_dir.join(FILE))?;
     let facts: Vec<(&str, Facts)> = records.iter().filter_map(|r| Some((r.id.as_str(), Facts::of(r)?))).collect();
     let mut out = Vec::with_capacity(2 * facts.len());
     for (i, (id, f)) in facts.iter().enumerate() {

@@ -64,6 +64,16 @@ pub fn fnv1a(id: &str) -> u64 {
     id.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
 }
 
+/// The records of a JSON Lines file, one per line; a line that does not parse is an error
+/// naming the file and line.
+pub fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>, DataError> {
+    let body = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
+    body.lines()
+        .enumerate()
+        .map(|(n, line)| serde_json::from_str(line).map_err(|e| DataError::parse(path, format!("line {}: {e}", n + 1))))
+        .collect()
+}
+
 /// Lower-cased alphanumerics, single-spaced: two items with the same key are one text.
 pub fn dedup_key(ex: &Example) -> String {
     let mut key = String::new();

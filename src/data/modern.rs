@@ -42,12 +42,7 @@ impl LabelRow {
 }
 
 pub fn read_labels(path: &Path) -> Result<Vec<LabelRow>, DataError> {
-    let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(n, l)| serde_json::from_str(l).map_err(|e| DataError::parse(path, format!("line {}: {e}", n + 1))))
-        .collect()
+    super::read_jsonl(path)
 }
 
 /// The rows of several labels files. An id labelled in two files is an error: which label
@@ -81,10 +76,7 @@ pub fn read_pools(data_dir: &Path) -> Result<HashMap<String, String>, DataError>
         "uci-news-aggregator-2014/business_scitech_headlines.jsonl",
         "wikinews-economy/economy_and_business.jsonl",
     ] {
-        let path = data_dir.join(file);
-        let body = std::fs::read_to_string(&path).map_err(|e| DataError::io(&path, e))?;
-        for (n, line) in body.lines().enumerate() {
-            let item: Item = serde_json::from_str(line).map_err(|e| DataError::parse(&path, format!("line {}: {e}", n + 1)))?;
+        for item in super::read_jsonl::<Item>(&data_dir.join(file))? {
             texts.insert(item.id, item.headline.replace("&amp;", "&"));
         }
     }
