@@ -4,8 +4,8 @@
 Usage: append_round.py ROUND_DIR ROUND_NAME FIRST_ANNOTATOR_NUMBER DATA_DIR
   ROUND_DIR: batch_N.jsonl + double_ids.txt (from the selection script), out/batch_N.labels.jsonl
              (one per annotator), adjudicated.jsonl (optional: {"id", "label", "subtype", "kind"})
-  DATA_DIR:  the repository's data/: writes modern-labels-<ROUND_NAME>.jsonl (items not already in
-             modern-labels.jsonl) and appends the double reads to double-annotation.jsonl
+  DATA_DIR:  the repository's data/: writes modern-labels-<ROUND_NAME>.jsonl (items not in an earlier
+             round's modern-labels*.jsonl) and appends the double reads to double-annotation.jsonl
 
 New items never join the test split, so earlier test results stay comparable: they go to
 validation by the same FNV-1a rule as the Reuters and twitter carve-outs (10%), else train.
@@ -30,7 +30,8 @@ def kappa(pairs):
 
 def main(round_dir, round_name, first_annotator, data_dir):
     round_dir, data_dir = Path(round_dir), Path(data_dir)
-    existing = {json.loads(l)["id"] for l in open(data_dir / "modern-labels.jsonl")}
+    out_name = f"modern-labels-{round_name}.jsonl"
+    existing = {json.loads(l)["id"] for p in data_dir.glob("modern-labels*.jsonl") if p.name != out_name for l in open(p)}
     reads = defaultdict(list)
     batches = sorted(round_dir.glob("batch_*.jsonl"), key=lambda p: int(p.stem.split("_")[1]))
     for b, batch in enumerate(batches):
@@ -70,7 +71,7 @@ def main(round_dir, round_name, first_annotator, data_dir):
             label, subtype, annotator, rnd = a["label"], a["subtype"], "adjudicator", f"{round_name}:adjudicated:{a.get('kind', '')}"
         split = "validation" if fnv1a(id_) % 1000 < VALIDATION_PERMILLE else "train"
         rows.append({"id": id_, "label": label, "subtype": subtype, "annotator": annotator, "round": rnd, "split": split})
-    with open(data_dir / f"modern-labels-{round_name}.jsonl", "w", encoding="utf-8") as f:
+    with open(data_dir / out_name, "w", encoding="utf-8") as f:
         for row in sorted(rows, key=lambda r: r["id"]):
             f.write(json.dumps(row) + "\n")
     with open(data_dir / "double-annotation.jsonl", "a", encoding="utf-8") as f:
