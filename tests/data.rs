@@ -48,8 +48,7 @@ fn twitter_topic_files_match_the_documented_counts() {
 fn every_modern_label_joins_to_a_pool_item() {
     let Some(dir) = data_dir() else { return };
     let pools = modern::read_pools(&dir).unwrap();
-    let mut rows = modern::read_labels(&modern::default_labels_path()).unwrap();
-    rows.extend(modern::read_labels(&round2_path()).unwrap());
+    let rows: Vec<_> = modern::default_label_paths().iter().flat_map(|p| modern::read_labels(p).unwrap()).collect();
     let missing: Vec<_> = rows.iter().filter(|r| !pools.contains_key(&r.id)).map(|r| r.id.as_str()).collect();
     assert!(missing.is_empty(), "{} label ids not in ../shared/data, e.g. {:?}", missing.len(), &missing[..missing.len().min(5)]);
 }
@@ -76,22 +75,20 @@ fn modern_labels_are_well_formed_and_meet_the_quotas() {
     assert!(test.iter().all(|r| !r.id.starts_with("twitter-topic-")), "the modern test split holds modern pool items only");
 }
 
-fn round2_path() -> PathBuf {
-    modern::default_labels_path().with_file_name("modern-labels-r2.jsonl")
-}
-
-/// Round 2 (not yet used by the shipped model) is well formed, new, and never in the test split.
+/// Later rounds are well formed, label only new ids, and never join the test split (so test
+/// results stay comparable across models).
 #[test]
-fn round_two_labels_are_new_well_formed_and_kept_out_of_test() {
-    let first: HashSet<String> = modern::read_labels(&modern::default_labels_path()).unwrap().into_iter().map(|r| r.id).collect();
-    let rows = modern::read_labels(&round2_path()).unwrap();
-    assert!(rows.len() >= 1000);
-    let ids: HashSet<_> = rows.iter().map(|r| &r.id).collect();
-    assert_eq!(ids.len(), rows.len(), "one label per id");
-    for r in &rows {
-        assert!(!first.contains(&r.id), "{} is already labelled in round 1", r.id);
-        assert_eq!(r.label == "NONDEAL", r.subtype == "OTHER", "{}: {} {}", r.id, r.label, r.subtype);
-        assert!(matches!(r.split(), Some(Split::Train | Split::Validation)), "{}: split {}", r.id, r.split);
+fn later_round_labels_are_new_well_formed_and_kept_out_of_test() {
+    let paths = modern::default_label_paths();
+    let mut seen: HashSet<String> = modern::read_labels(&paths[0]).unwrap().into_iter().map(|r| r.id).collect();
+    for path in &paths[1..] {
+        let rows = modern::read_labels(path).unwrap();
+        assert!(rows.len() >= 1000, "{}: {} rows", path.display(), rows.len());
+        for r in &rows {
+            assert!(seen.insert(r.id.clone()), "{} is labelled in an earlier round or twice", r.id);
+            assert_eq!(r.label == "NONDEAL", r.subtype == "OTHER", "{}: {} {}", r.id, r.label, r.subtype);
+            assert!(matches!(r.split(), Some(Split::Train | Split::Validation)), "{}: split {}", r.id, r.split);
+        }
     }
 }
 

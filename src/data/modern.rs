@@ -13,11 +13,14 @@ pub fn default_labels_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("data/modern-labels.jsonl")
 }
 
+/// The later rounds' files (`modern-labels-r2.jsonl`, ...): train and validation items only.
+const LATER_ROUNDS: [&str; 2] = ["r2", "r3"];
+
 /// Every committed labels file, in round order: what training and evaluation read by default.
 pub fn default_label_paths() -> Vec<PathBuf> {
     let round1 = default_labels_path();
-    let round2 = round1.with_file_name("modern-labels-r2.jsonl");
-    vec![round1, round2]
+    let later = LATER_ROUNDS.iter().map(|r| round1.with_file_name(format!("modern-labels-{r}.jsonl")));
+    std::iter::once(round1.clone()).chain(later).collect()
 }
 
 #[derive(Debug, Clone, Deserialize)]
