@@ -205,7 +205,7 @@ struct TrainArgs {
     max_steps: Option<usize>,
     #[arg(long, default_value = "dealsift-minilm-l6")]
     model_id: String,
-    #[arg(long, default_value = "1.2.0")]
+    #[arg(long, default_value = "1.3.0")]
     version: String,
     /// CPU threads (default: all cores).
     #[arg(long, env = "DEALSIFT_THREADS")]
@@ -230,9 +230,13 @@ struct EvalArgs {
     /// Modern labels files (repeatable; default: every round in data/).
     #[arg(long)]
     labels: Vec<PathBuf>,
-    /// Test sets to score.
-    #[arg(long, value_delimiter = ',', default_value = "reuters,twitter,modern")]
+    /// Sets to score (twitter-definition: the twitter test rows labelled by the deal definition).
+    #[arg(long, value_delimiter = ',', default_value = "reuters,twitter,twitter-definition,modern")]
     sets: Vec<String>,
+    /// Score the validation split instead of the test sets (to inspect calibration and the
+    /// threshold on the data they were chosen on).
+    #[arg(long)]
+    validation: bool,
     /// Decision threshold (default: the model's calibrated one).
     #[arg(long)]
     threshold: Option<f32>,
@@ -658,7 +662,8 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
         let threshold = args.threshold.unwrap_or(default_threshold);
         let corpus = dealsift::data::Corpus::load(&data_dir, &labels)?;
         let mut reports = Vec::new();
-        for (name, set) in &corpus.test {
+        let sets = if args.validation { &corpus.validation } else { &corpus.test };
+        for (name, set) in sets {
             if !args.sets.iter().any(|s| s == name) {
                 continue;
             }

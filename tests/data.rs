@@ -102,8 +102,9 @@ fn corpus_keeps_test_texts_out_of_training() {
         assert_eq!(leaked, 0, "{name}: {leaked} test texts in training or validation");
     }
     let sizes: Vec<_> = corpus.test.iter().map(|(n, s)| (*n, s.len())).collect();
-    assert_eq!(sizes[0], ("reuters", 3299));
-    assert_eq!(sizes[1], ("twitter", 4117));
+    assert_eq!(&sizes[..3], [("reuters", 3299), ("twitter-definition", 4117), ("twitter", 4117)]);
+    let (by_topic, by_definition) = (&corpus.test[2].1, &corpus.test[1].1);
+    assert!(by_topic.iter().zip(by_definition).all(|(t, d)| t.id == d.id && t.text == d.text), "the same rows in the same order");
 }
 
 /// Cohen's kappa of the independent double annotation (binary label and subtype).

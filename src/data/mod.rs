@@ -140,9 +140,11 @@ impl Corpus {
 
         // Test sets are reported whole (the benchmarks' own counts); their texts are kept
         // out of validation and training.
+        let twitter_test: Vec<Example> = twitter::load(&twitter_dir, Split::Test)?.into_iter().map(|(e, _)| e).collect();
         let test: Sets = vec![
             ("reuters", reuters::load(&reuters_dir, Split::Test)?),
-            ("twitter", twitter::load(&twitter_dir, Split::Test)?.into_iter().map(|(e, _)| e).collect()),
+            ("twitter-definition", twitter::by_definition(&twitter_test, &twitter::definition_labels_path())?),
+            ("twitter", twitter_test),
             ("modern", modern_of(Split::Test)?),
         ];
         let mut seen: HashSet<String> = test.iter().flat_map(|(_, set)| set.iter().map(dedup_key)).collect();

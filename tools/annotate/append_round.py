@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """Write a later annotation round (e.g. round 2, select_round2.py) as its own labels file.
 
-Usage: append_round.py ROUND_DIR ROUND_NAME FIRST_ANNOTATOR_NUMBER DATA_DIR
+Usage: append_round.py ROUND_DIR ROUND_NAME FIRST_ANNOTATOR_NUMBER DATA_DIR [EVAL_FILE]
   ROUND_DIR: batch_N.jsonl + double_ids.txt (from the selection script), out/batch_N.labels.jsonl
              (one per annotator), adjudicated.jsonl (optional: {"id", "label", "subtype", "kind"})
   DATA_DIR:  the repository's data/: writes modern-labels-<ROUND_NAME>.jsonl (items not in an earlier
              round's modern-labels*.jsonl) and appends the double reads to double-annotation.jsonl
+
+EVAL_FILE (e.g. twitter-valid-labels.jsonl, from select_twitter_valid.py): write the round there
+instead, every row in split `test`: labels of a test set, for evaluation only.
 
 New items never join the test split, so earlier test results stay comparable: they go to
 validation by the same FNV-1a rule as the Reuters and twitter carve-outs (10%), else train.
@@ -28,9 +31,9 @@ def kappa(pairs):
     return observed, (observed - expected) / (1 - expected)
 
 
-def main(round_dir, round_name, first_annotator, data_dir):
+def main(round_dir, round_name, first_annotator, data_dir, eval_file=None):
     round_dir, data_dir = Path(round_dir), Path(data_dir)
-    out_name = f"modern-labels-{round_name}.jsonl"
+    out_name = eval_file or f"modern-labels-{round_name}.jsonl"
     existing = {json.loads(l)["id"] for p in data_dir.glob("modern-labels*.jsonl") if p.name != out_name for l in open(p)}
     reads = defaultdict(list)
     batches = sorted(round_dir.glob("batch_*.jsonl"), key=lambda p: int(p.stem.split("_")[1]))
@@ -69,7 +72,7 @@ def main(round_dir, round_name, first_annotator, data_dir):
         if id_ in adjudicated:
             a = adjudicated[id_]
             label, subtype, annotator, rnd = a["label"], a["subtype"], "adjudicator", f"{round_name}:adjudicated:{a.get('kind', '')}"
-        split = "validation" if fnv1a(id_) % 1000 < VALIDATION_PERMILLE else "train"
+        split = "test" if eval_file else "validation" if fnv1a(id_) % 1000 < VALIDATION_PERMILLE else "train"
         rows.append({"id": id_, "label": label, "subtype": subtype, "annotator": annotator, "round": rnd, "split": split})
     with open(data_dir / out_name, "w", encoding="utf-8") as f:
         for row in sorted(rows, key=lambda r: r["id"]):
@@ -83,4 +86,4 @@ def main(round_dir, round_name, first_annotator, data_dir):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:6])
