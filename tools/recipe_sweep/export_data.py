@@ -5,7 +5,7 @@ tools/recipe_sweep/data.jsonl.gz: one JSON object per example
 (`title` is only set for Reuters; the sweep joins it as src/tokenize.rs does: "{title}\n{text}").
 
 Mirrors Corpus::load: validation carve-out by FNV-1a(id) % 1000 < 100 from the Reuters and
-twitter training files, twitter training rows relabelled by data/modern-labels.jsonl,
+twitter training files, twitter training rows relabelled by data/modern-labels*.jsonl (every round),
 modern examples from the committed split (twitter-topic-* ids excluded), test sets whole,
 and dedup (test keys first, then validation, then train) so no test text is in
 validation/train and no validation text is in train. Non-deal caps are NOT applied here.
@@ -189,7 +189,9 @@ def read_pools(data_dir):
     texts = {}
     for file in ("wiki-current-events/uncategorized_2021_2026.jsonl",
                  "wiki-current-events/business_sci_tech_2015_2021.jsonl",
-                 "twitter-financial-news-sentiment/tweets.jsonl"):
+                 "twitter-financial-news-sentiment/tweets.jsonl",
+                 "uci-news-aggregator-2014/business_scitech_headlines.jsonl",
+                 "wikinews-economy/economy_and_business.jsonl"):
         with open(os.path.join(data_dir, file), encoding="utf-8") as f:
             for line in f:
                 item = json.loads(line)
@@ -212,8 +214,8 @@ def load_modern(rows, pools, split):
 
 # ---------------------------------------------------------------- Corpus::load (mod.rs)
 
-def load_corpus(data_dir, labels_path):
-    rows = read_labels(labels_path)
+def load_corpus(data_dir, labels_paths):
+    rows = [row for path in labels_paths for row in read_labels(path)]
     relabelled = {r["id"]: r for r in rows if r["id"].startswith("twitter-topic-")}
     rdir = os.path.join(data_dir, "reuters21578")
     tdir = os.path.join(data_dir, "twitter-financial-news-topic")
@@ -260,11 +262,12 @@ def load_corpus(data_dir, labels_path):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data-dir", default=os.environ.get("DEALSIFT_DATA_DIR", os.path.join(REPO, "..", "shared", "data")))
-    ap.add_argument("--labels", default=os.path.join(REPO, "data", "modern-labels.jsonl"))
+    ap.add_argument("--labels", action="append", help="labels file (repeatable; default: every round in data/)")
     ap.add_argument("--out", default=os.path.join(HERE, "data.jsonl.gz"))
     args = ap.parse_args()
 
-    corpus = load_corpus(args.data_dir, args.labels)
+    rounds = ["modern-labels.jsonl", "modern-labels-r2.jsonl", "modern-labels-r3.jsonl"]
+    corpus = load_corpus(args.data_dir, args.labels or [os.path.join(REPO, "data", r) for r in rounds])
     counts = Counter()
     n = 0
     with gzip.open(args.out, "wt", encoding="utf-8", compresslevel=9) as f:
@@ -282,14 +285,13 @@ def main():
         for name in ("reuters", "twitter", "modern"):
             d, nd = counts[(name, split, True)], counts[(name, split, False)]
             print(f"{name:8} {split:10} {d + nd:6d} {d:6d} {nd:7d}")
-    caps = {"reuters": 3000, "twitter": 6000}
-    capped = [(name, counts[(name, "train", True)] + min(counts[(name, "train", False)], caps.get(name, 1 << 60)),
-               counts[(name, "train", True)]) for name in ("reuters", "twitter", "modern")]
-    print("train_counts after caps reuters=3000 twitter=6000:", capped)
-    expected = {"train_counts": [("reuters", 4477, 1477), ("twitter", 6734, 734), ("modern", 5113, 728)],
-                "validation": {"reuters": 960, "twitter": 1698, "modern": 742},
+    train = [(name, counts[(name, "train", True)] + counts[(name, "train", False)], counts[(name, "train", True)])
+             for name in ("reuters", "twitter", "modern")]
+    # What `dealsift train` logs as train_counts and validation sizes with the three rounds.
+    expected = {"train_counts": [("reuters", 8475, 1477), ("twitter", 15289, 1100), ("modern", 6872, 1207)],
+                "validation": {"reuters": 960, "twitter": 1698, "modern": 934},
                 "reuters_test": (3299, 719), "twitter_test": 4117}
-    ok = capped == expected["train_counts"]
+    ok = train == expected["train_counts"]
     for name, size in expected["validation"].items():
         ok &= counts[(name, "validation", True)] + counts[(name, "validation", False)] == size
     ok &= (counts[("reuters", "test", True)] + counts[("reuters", "test", False)], counts[("reuters", "test", True)]) == expected["reuters_test"]
