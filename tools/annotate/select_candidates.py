@@ -29,6 +29,23 @@ def jsonl(path):
         return [json.loads(line) for line in f]
 
 
+def deal_blind_batches(items, n_batches, n_double, rng, out):
+    """Shuffle `items` ({"id", "text"}) into `n_batches` batch_N.jsonl files under `out`; the first
+    `n_double` items after the shuffle also go, blind, into a second batch (double_ids.txt)."""
+    rng.shuffle(items)
+    double = items[:n_double]
+    batches = [items[i::n_batches] for i in range(n_batches)]
+    for i, item in enumerate(double):  # item i sits in batch i % n_batches
+        batches[(i % n_batches + 1 + i % (n_batches - 1)) % n_batches].append(item)
+    out.mkdir(parents=True, exist_ok=True)
+    for b, batch in enumerate(batches):
+        rng.shuffle(batch)
+        with open(out / f"batch_{b}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({"id": x["id"], "text": x["text"]}, ensure_ascii=False) + "\n" for x in batch)
+    (out / "double_ids.txt").write_text("".join(x["id"] + "\n" for x in double))
+    print(f"{len(items)} items, {n_double} double-read, batches {[len(b) for b in batches]}")
+
+
 def twitter_topic_train(path):
     """Rows of topic_train.csv; id = twitter-topic-train-<1-based data row>."""
     with open(path, encoding="utf-8", newline="") as f:

@@ -15,6 +15,8 @@ Usage: select_round2.py SHARED_DATA_DIR LABELS_FILE OUT_DIR
 import json, random, re, sys
 from pathlib import Path
 
+from select_candidates import deal_blind_batches
+
 SEED = 20261127
 BATCHES = 4
 DOUBLE = 200  # items given to a second, independent annotator
@@ -55,21 +57,7 @@ def main(shared, labels, out):
     take(jsonl(shared / "wikinews-economy/economy_and_business.jsonl"), 250, 120, 60)
     take(jsonl(shared / "twitter-financial-news-sentiment/tweets.jsonl"), 260, 120, 60)
 
-    rng.shuffle(chosen)
-    double = chosen[:DOUBLE]
-    batches = [chosen[i::BATCHES] for i in range(BATCHES)]
-    # Each double-read item also goes, blind, into the next batch.
-    for i, item in enumerate(double):
-        home = next(b for b, batch in enumerate(batches) if item in batch)
-        batches[(home + 1 + i % (BATCHES - 1)) % BATCHES].append(item)
-    out.mkdir(parents=True, exist_ok=True)
-    for b, batch in enumerate(batches):
-        rng.shuffle(batch)
-        with open(out / f"batch_{b}.jsonl", "w", encoding="utf-8") as f:
-            for x in batch:
-                f.write(json.dumps({"id": x["id"], "text": x["headline"].replace("&amp;", "&")}, ensure_ascii=False) + "\n")
-    (out / "double_ids.txt").write_text("".join(x["id"] + "\n" for x in double))
-    print(f"{len(chosen)} items, {DOUBLE} double-read, batches {[len(b) for b in batches]}")
+    deal_blind_batches([{"id": x["id"], "text": x["headline"].replace("&amp;", "&")} for x in chosen], BATCHES, DOUBLE, rng, out)
 
 
 if __name__ == "__main__":

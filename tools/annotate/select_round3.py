@@ -11,10 +11,10 @@ from an annotator reading the item against ../shared/deal-definition.md.
 
 Usage: select_round3.py SHARED_DATA_DIR REPO_DATA_DIR OUT_DIR
 """
-import json, random, re, sys
+import random, re, sys
 from pathlib import Path
 
-from select_candidates import ANALYST_RATING, DEALISH, jsonl, twitter_topic_train
+from select_candidates import ANALYST_RATING, DEALISH, deal_blind_batches, jsonl, twitter_topic_train
 
 SEED = 20261128
 BATCHES = 8
@@ -46,20 +46,7 @@ def main(shared, repo_data, out):
            if x["category"] == "business"]
     chosen += [x for x in screened(uci) if CONTRACT_OR_FINANCING.search(x["headline"])]
 
-    rng.shuffle(chosen)
-    double = chosen[:DOUBLE]
-    batches = [chosen[i::BATCHES] for i in range(BATCHES)]
-    for i, item in enumerate(double):
-        home = next(b for b, batch in enumerate(batches) if item in batch)
-        batches[(home + 1 + i % (BATCHES - 1)) % BATCHES].append(item)
-    out.mkdir(parents=True, exist_ok=True)
-    for b, batch in enumerate(batches):
-        rng.shuffle(batch)
-        with open(out / f"batch_{b}.jsonl", "w", encoding="utf-8") as f:
-            for x in batch:
-                f.write(json.dumps({"id": x["id"], "text": x["headline"].replace("&amp;", "&")}, ensure_ascii=False) + "\n")
-    (out / "double_ids.txt").write_text("".join(x["id"] + "\n" for x in double))
-    print(f"{len(chosen)} items, {DOUBLE} double-read, batches {[len(b) for b in batches]}")
+    deal_blind_batches([{"id": x["id"], "text": x["headline"].replace("&amp;", "&")} for x in chosen], BATCHES, DOUBLE, rng, out)
 
 
 if __name__ == "__main__":

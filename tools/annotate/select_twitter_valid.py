@@ -10,8 +10,10 @@ for calibration or the threshold. Annotators see the text only, not the topic cl
 
 Usage: select_twitter_valid.py SHARED_DATA_DIR OUT_DIR
 """
-import csv, json, random, sys
+import csv, random, sys
 from pathlib import Path
+
+from select_candidates import deal_blind_batches
 
 SEED = 20261129
 BATCHES = 8
@@ -19,23 +21,10 @@ DOUBLE = 240
 
 
 def main(shared, out):
-    out = Path(out)
     with open(Path(shared) / "twitter-financial-news-topic" / "topic_valid.csv", encoding="utf-8", newline="") as f:
         items = [{"id": f"twitter-topic-valid-{n:05d}", "text": row["text"].replace("&amp;", "&")}
                  for n, row in enumerate(csv.DictReader(f), start=1)]
-    rng = random.Random(SEED)
-    rng.shuffle(items)
-    double = items[:DOUBLE]
-    batches = [items[i::BATCHES] for i in range(BATCHES)]
-    for i, item in enumerate(double):
-        batches[(i % BATCHES + 1 + i % (BATCHES - 1)) % BATCHES].append(item)
-    out.mkdir(parents=True, exist_ok=True)
-    for b, batch in enumerate(batches):
-        rng.shuffle(batch)
-        with open(out / f"batch_{b}.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(x, ensure_ascii=False) + "\n" for x in batch)
-    (out / "double_ids.txt").write_text("".join(x["id"] + "\n" for x in double))
-    print(f"{len(items)} items, {DOUBLE} double-read, batches {[len(b) for b in batches]}")
+    deal_blind_batches(items, BATCHES, DOUBLE, random.Random(SEED), Path(out))
 
 
 if __name__ == "__main__":
