@@ -14,7 +14,7 @@ pub fn default_labels_path() -> PathBuf {
 }
 
 /// The later rounds' files (`modern-labels-r2.jsonl`, ...): train and validation items only.
-const LATER_ROUNDS: [&str; 2] = ["r2", "r3"];
+const LATER_ROUNDS: [&str; 3] = ["r2", "r3", "r4"];
 
 /// Every committed labels file, in round order: what training and evaluation read by default.
 pub fn default_label_paths() -> Vec<PathBuf> {

@@ -266,7 +266,7 @@ def main():
     ap.add_argument("--out", default=os.path.join(HERE, "data.jsonl.gz"))
     args = ap.parse_args()
 
-    rounds = ["modern-labels.jsonl", "modern-labels-r2.jsonl", "modern-labels-r3.jsonl"]
+    rounds = ["modern-labels.jsonl", "modern-labels-r2.jsonl", "modern-labels-r3.jsonl", "modern-labels-r4.jsonl"]
     corpus = load_corpus(args.data_dir, args.labels or [os.path.join(REPO, "data", r) for r in rounds])
     counts = Counter()
     n = 0

@@ -25,6 +25,7 @@ import gzip
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -58,7 +59,16 @@ CONFIGS = {
     "M": dict(epochs=2, frozen=0, lr=5e-5, max_len=128, caps={}, sources=SETS),
     "N": dict(epochs=2, frozen=2, lr=1.5e-4, max_len=128, caps={}, sources=SETS),
     "O": dict(epochs=2, frozen=2, lr=1.5e-4, max_len=128, caps={"reuters": 5000}, sources=SETS),
+    # Round 4 of the modern labels is in the data from here on; P is the shipped 1.3.0 recipe (N).
+    "P": dict(epochs=2, frozen=2, lr=1.5e-4, max_len=128, caps={}, sources=SETS),
+    "Q": dict(epochs=2, frozen=2, lr=1.5e-4, max_len=128, caps={}, sources=SETS, strip_links=True),
+    "R": dict(epochs=2, frozen=2, lr=1.5e-4, max_len=128, caps={}, sources=SETS, repeat={"modern": 2}),
+    "S": dict(epochs=3, frozen=2, lr=1.5e-4, max_len=128, caps={}, sources=SETS),
+    "U": dict(epochs=2, frozen=0, lr=1e-4, max_len=128, caps={}, sources=SETS),
+    "V": dict(epochs=3, frozen=2, lr=1.5e-4, max_len=128, caps={}, sources=SETS, repeat={"modern": 2}, strip_links=True),
 }
+
+LINK = re.compile(r"(https?://|www\.)\S*")
 
 # Rust's str::trim / split_whitespace: the Unicode White_Space property.
 RUST_WS = "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(chr(c) for c in range(0x2000, 0x200B)) + "\u2028\u2029\u202f\u205f\u3000"
@@ -162,8 +172,10 @@ def load_data(path, limit, seed):
 class Encoder:
     """src/tokenize.rs TextEncoder with LongText::Truncate."""
 
-    def __init__(self, tokenizer_json):
+    def __init__(self, tokenizer_json, strip_links=False):
         from tokenizers import Tokenizer
+
+        self.strip_links = strip_links
 
         self.tok = Tokenizer.from_file(tokenizer_json)
         self.tok.no_padding()
@@ -174,10 +186,10 @@ class Encoder:
         trail = next(i for i, s in enumerate(reversed(special)) if s != 1)
         self.prefix, self.suffix = list(ids[:lead]), list(ids[len(ids) - trail:])
 
-    @staticmethod
-    def joined(r):
+    def joined(self, r):
         t = (r.get("title") or "").strip(RUST_WS)
-        return f"{t}\n{r['text']}" if t else r["text"]
+        text = f"{t}\n{r['text']}" if t else r["text"]
+        return " ".join(LINK.sub(" ", text).split()) if self.strip_links else text
 
     def content_ids(self, records):
         encs = self.tok.encode_batch([self.joined(r) for r in records], add_special_tokens=False)
@@ -297,11 +309,17 @@ def run_config(name, cfg, data, content, enc, args, device, verbose):
     seed = args.seed
     pad_id = args.pad_id
     ml = cfg["max_len"]
+    if cfg.get("strip_links"):
+        content = content["strip_links"]
+    else:
+        content = content["plain"]
     win = {k: enc.windows(v, ml) for k, v in content.items()}
 
     # Training set (caps applied once, as train.rs does).
     train_recs = {n: data.get((n, "train"), []) for n in cfg.get("sources", SETS)}
     keep = cap_train(train_recs, cfg["caps"], seed)
+    for n, times in cfg.get("repeat", {}).items():
+        keep[n] = keep[n] * times
     train_w, train_y, train_counts = [], [], []
     for n in train_recs:
         for i in keep[n]:
@@ -439,6 +457,7 @@ def compact(res):
     sub = " ".join(f"{k} {h}/{n}" for k, (h, n) in c["test"]["modern"].get("recall_by_subtype", {}).items())
     vsub = " ".join(f"{k} {h}/{n}" for k, (h, n) in c["validation"]["modern"].get("recall_by_subtype", {}).items())
     head += f" sources={','.join(c.get('sources', SETS))}"
+    head += "".join(f" repeat {k}x{v}" for k, v in c.get("repeat", {}).items()) + (" strip_links" if c.get("strip_links") else "")
     return (f"RESULT {head} | {c['steps']} steps {c['train_s']:.0f}s+{c['eval_s']:.0f}s | T {c['temperature']:.3f} thr {c['threshold']:.2f} | "
             f"val F1 {v} mean {c['validation_mean_f1']:.4f} | val modern recall {vsub} | test F1/P/R/AUC {t} | modern recall {sub}")
 
@@ -483,7 +502,10 @@ def main():
     enc = Encoder(os.path.join(args.base, "tokenizer.json"))
     with open(os.path.join(args.base, "config.json")) as f:
         args.pad_id = json.load(f).get("pad_token_id", 0)
-    content = {k: enc.content_ids(v) for k, v in data.items()}
+    stripping = Encoder(os.path.join(args.base, "tokenizer.json"), strip_links=True)
+    content = {"plain": {k: enc.content_ids(v) for k, v in data.items()}}
+    if any(CONFIGS[n].get("strip_links") for n in names):
+        content["strip_links"] = {k: stripping.content_ids(v) for k, v in data.items()}
     log("data:", {f"{k[0]}/{k[1]}": (len(v), sum(r["deal"] for r in v)) for k, v in sorted(data.items())},
         f"prefix {enc.prefix} suffix {enc.suffix}")
 
@@ -498,8 +520,10 @@ def main():
             room = cfg["max_len"] - len(enc.prefix) - len(enc.suffix)
             recs = {n: data.get((n, "train"), []) for n in cfg.get("sources", SETS)}
             keep = cap_train(recs, cfg["caps"], args.seed)
+            for n, times in cfg.get("repeat", {}).items():
+                keep[n] = keep[n] * times
             n_train = sum(len(keep[n]) for n in recs)
-            tok_epoch = sum(min(len(content[(n, "train")][j]), room) + 2 for n in recs for j in keep[n])
+            tok_epoch = sum(min(len(content["plain"][(n, "train")][j]), room) + 2 for n in recs for j in keep[n])
             per_epoch = math.ceil(n_train / args.batch_size)
             steps = per_epoch * cfg["epochs"]
             if args.max_steps:
