@@ -31,21 +31,28 @@ def kappa(pairs):
     return observed, (observed - expected) / (1 - expected)
 
 
-def main(round_dir, round_name, first_annotator, data_dir, eval_file=None):
-    round_dir, data_dir = Path(round_dir), Path(data_dir)
-    out_name = eval_file or f"modern-labels-{round_name}.jsonl"
-    existing = {json.loads(l)["id"] for p in data_dir.glob("modern-labels*.jsonl") if p.name != out_name for l in open(p)}
+def read_batches(round_dir, first_annotator):
+    """Every annotator's reads: {id: [(annotator, label, subtype), ...]}. batch_N.jsonl is read by
+    annotator a<first_annotator + N>, whose labels are out/batch_N.labels.jsonl (checked)."""
     reads = defaultdict(list)
-    batches = sorted(round_dir.glob("batch_*.jsonl"), key=lambda p: int(p.stem.split("_")[1]))
+    batches = sorted(Path(round_dir).glob("batch_*.jsonl"), key=lambda p: int(p.stem.split("_")[1]))
     for b, batch in enumerate(batches):
         annotator = f"a{int(first_annotator) + b}"
         ids = [json.loads(l)["id"] for l in open(batch)]
-        labels = [json.loads(l) for l in open(round_dir / "out" / f"{batch.stem}.labels.jsonl")]
+        labels = [json.loads(l) for l in open(Path(round_dir) / "out" / f"{batch.stem}.labels.jsonl")]
         assert [x["id"] for x in labels] == ids, f"{batch.name}: labels do not match the batch's ids"
         for x in labels:
             assert (x["label"] == "NONDEAL") == (x["subtype"] == "OTHER"), x
             assert x["subtype"] in {"MA", "STAKE", "INVEST", "IPO", "CONTRACT", "OTHER"}, x
             reads[x["id"]].append((annotator, x["label"], x["subtype"]))
+    return reads
+
+
+def main(round_dir, round_name, first_annotator, data_dir, eval_file=None):
+    round_dir, data_dir = Path(round_dir), Path(data_dir)
+    out_name = eval_file or f"modern-labels-{round_name}.jsonl"
+    existing = {json.loads(l)["id"] for p in data_dir.glob("modern-labels*.jsonl") if p.name != out_name for l in open(p)}
+    reads = read_batches(round_dir, first_annotator)
     adjudicated = {}
     if (round_dir / "adjudicated.jsonl").exists():
         adjudicated = {x["id"]: x for x in map(json.loads, open(round_dir / "adjudicated.jsonl"))}

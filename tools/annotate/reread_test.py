@@ -16,7 +16,7 @@ Usage:
 import json, random, sys
 from pathlib import Path
 
-from append_round import kappa
+from append_round import kappa, read_batches
 
 SEED = 20261130
 BATCHES = 4
@@ -40,25 +40,19 @@ def apply(out, first_annotator, data_dir):
     labels_path = data_dir / "modern-labels.jsonl"
     rows = [json.loads(l) for l in open(labels_path)]
     first = {r["id"]: r for r in rows if r["split"] == "test"}
-    second = {}
-    for b in range(BATCHES):
-        ids = [json.loads(l)["id"] for l in open(out / f"batch_{b}.jsonl")]
-        reads = [json.loads(l) for l in open(out / "out" / f"batch_{b}.labels.jsonl")]
-        assert [r["id"] for r in reads] == ids, f"batch {b}: labels do not match the batch's ids"
-        for r in reads:
-            assert (r["label"] == "NONDEAL") == (r["subtype"] == "OTHER"), r
-            second[r["id"]] = {"annotator": f"a{int(first_annotator) + b}", "label": r["label"], "subtype": r["subtype"]}
-    assert set(second) == set(first), "every test item must be read again"
+    reads = read_batches(out, first_annotator)
+    assert set(reads) == set(first) and all(len(r) == 1 for r in reads.values()), "every test item must be read again, once"
+    second = {i: dict(zip(("annotator", "label", "subtype"), r[0])) for i, r in reads.items()}
     ids = sorted(first)
     label_agree, label_kappa = kappa([(first[i]["label"], second[i]["label"]) for i in ids])
     sub_agree, sub_kappa = kappa([(first[i]["subtype"], second[i]["subtype"]) for i in ids])
     print(f"{len(ids)} test items: label agreement {label_agree:.4f} kappa {label_kappa:.3f}; "
           f"subtype agreement {sub_agree:.4f} kappa {sub_kappa:.3f}")
     adjudicated = {x["id"]: x for x in map(json.loads, open(out / "adjudicated.jsonl"))}
-    disagree = [i for i in ids if (first[i]["label"], first[i]["subtype"]) != (second[i]["label"], second[i]["subtype"])]
+    disagree = {i for i in ids if (first[i]["label"], first[i]["subtype"]) != (second[i]["label"], second[i]["subtype"])}
     missing = [i for i in disagree if i not in adjudicated]
     if missing:
-        sys.exit(f"adjudicate these {len(missing)} disagreements first: {missing}")
+        sys.exit(f"adjudicate these {len(missing)} disagreements first: {sorted(missing)}")
     with open(data_dir / "test-second-reads.jsonl", "w", encoding="utf-8") as f:
         for i in ids:
             r1 = {k: first[i][k] for k in ("annotator", "label", "subtype")}

@@ -29,6 +29,11 @@ def jsonl(path):
         return [json.loads(line) for line in f]
 
 
+def labelled_ids(repo_data):
+    """Ids that any committed round of modern labels already holds."""
+    return {x["id"] for p in sorted(Path(repo_data).glob("modern-labels*.jsonl")) for x in jsonl(p)}
+
+
 def deal_blind_batches(items, n_batches, n_double, rng, out):
     """Shuffle `items` ({"id", "text"}) into `n_batches` batch_N.jsonl files under `out`; the first
     `n_double` items after the shuffle also go, blind, into a second batch (double_ids.txt)."""

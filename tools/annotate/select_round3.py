@@ -14,7 +14,7 @@ Usage: select_round3.py SHARED_DATA_DIR REPO_DATA_DIR OUT_DIR
 import random, re, sys
 from pathlib import Path
 
-from select_candidates import ANALYST_RATING, DEALISH, deal_blind_batches, jsonl, twitter_topic_train
+from select_candidates import ANALYST_RATING, DEALISH, deal_blind_batches, jsonl, labelled_ids, twitter_topic_train
 
 SEED = 20261128
 BATCHES = 8
@@ -28,7 +28,7 @@ CONTRACT_OR_FINANCING = re.compile(
 
 def main(shared, repo_data, out):
     shared, repo_data, out = Path(shared), Path(repo_data), Path(out)
-    done = {x["id"] for p in sorted(repo_data.glob("modern-labels*.jsonl")) for x in jsonl(p)}
+    done = labelled_ids(repo_data)
     rng = random.Random(SEED)
 
     def screened(items):

@@ -17,7 +17,7 @@ Usage:
 import json, random, sys
 from pathlib import Path
 
-from select_candidates import deal_blind_batches, jsonl, twitter_topic_train
+from select_candidates import deal_blind_batches, jsonl, labelled_ids, twitter_topic_train
 
 SEED = 20261129
 BATCHES = 8
@@ -27,8 +27,8 @@ BELOW_CUT_SAMPLE = 300
 
 
 def unread(shared, repo_data, out):
-    shared, repo_data = Path(shared), Path(repo_data)
-    done = {x["id"] for p in sorted(repo_data.glob("modern-labels*.jsonl")) for x in jsonl(p)}
+    shared = Path(shared)
+    done = labelled_ids(repo_data)
     pools = [
         jsonl(shared / "wiki-current-events/uncategorized_2021_2026.jsonl"),
         jsonl(shared / "wiki-current-events/business_sci_tech_2015_2021.jsonl"),

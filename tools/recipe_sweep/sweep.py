@@ -176,7 +176,6 @@ class Encoder:
         from tokenizers import Tokenizer
 
         self.strip_links = strip_links
-
         self.tok = Tokenizer.from_file(tokenizer_json)
         self.tok.no_padding()
         self.tok.no_truncation()
@@ -200,8 +199,9 @@ class Encoder:
         return [self.prefix + ids[:room] + self.suffix for ids in content]
 
 
-def cap_train(records, caps, seed):
-    """train.rs: keep every deal, shuffle non-deals (seeded) and keep the first `cap`."""
+def cap_train(records, caps, seed, repeat=None):
+    """train.rs: keep every deal, shuffle non-deals (seeded) and keep the first `cap`; a source
+    in `repeat` ({source: times}) is then listed that many times per epoch."""
     out = {}
     rng = np.random.default_rng(seed)
     for name in records:
@@ -214,6 +214,8 @@ def cap_train(records, caps, seed):
         others = [i for i, r in enumerate(recs) if not r["deal"]]
         perm = rng.permutation(len(others))
         out[name] = deals + [others[j] for j in perm[:cap]]
+    for name, times in (repeat or {}).items():
+        out[name] = out[name] * times
     return out
 
 
@@ -309,17 +311,12 @@ def run_config(name, cfg, data, content, enc, args, device, verbose):
     seed = args.seed
     pad_id = args.pad_id
     ml = cfg["max_len"]
-    if cfg.get("strip_links"):
-        content = content["strip_links"]
-    else:
-        content = content["plain"]
+    content = content["strip_links" if cfg.get("strip_links") else "plain"]
     win = {k: enc.windows(v, ml) for k, v in content.items()}
 
     # Training set (caps applied once, as train.rs does).
     train_recs = {n: data.get((n, "train"), []) for n in cfg.get("sources", SETS)}
-    keep = cap_train(train_recs, cfg["caps"], seed)
-    for n, times in cfg.get("repeat", {}).items():
-        keep[n] = keep[n] * times
+    keep = cap_train(train_recs, cfg["caps"], seed, cfg.get("repeat"))
     train_w, train_y, train_counts = [], [], []
     for n in train_recs:
         for i in keep[n]:
@@ -502,9 +499,9 @@ def main():
     enc = Encoder(os.path.join(args.base, "tokenizer.json"))
     with open(os.path.join(args.base, "config.json")) as f:
         args.pad_id = json.load(f).get("pad_token_id", 0)
-    stripping = Encoder(os.path.join(args.base, "tokenizer.json"), strip_links=True)
     content = {"plain": {k: enc.content_ids(v) for k, v in data.items()}}
     if any(CONFIGS[n].get("strip_links") for n in names):
+        stripping = Encoder(os.path.join(args.base, "tokenizer.json"), strip_links=True)
         content["strip_links"] = {k: stripping.content_ids(v) for k, v in data.items()}
     log("data:", {f"{k[0]}/{k[1]}": (len(v), sum(r["deal"] for r in v)) for k, v in sorted(data.items())},
         f"prefix {enc.prefix} suffix {enc.suffix}")
@@ -519,9 +516,7 @@ def main():
             # the launch-bound and compute-bound estimates, so it errs long).
             room = cfg["max_len"] - len(enc.prefix) - len(enc.suffix)
             recs = {n: data.get((n, "train"), []) for n in cfg.get("sources", SETS)}
-            keep = cap_train(recs, cfg["caps"], args.seed)
-            for n, times in cfg.get("repeat", {}).items():
-                keep[n] = keep[n] * times
+            keep = cap_train(recs, cfg["caps"], args.seed, cfg.get("repeat"))
             n_train = sum(len(keep[n]) for n in recs)
             tok_epoch = sum(min(len(content["plain"][(n, "train")][j]), room) + 2 for n in recs for j in keep[n])
             per_epoch = math.ceil(n_train / args.batch_size)
