@@ -22,14 +22,14 @@ pub enum Scorer {
 const CALL_SIZE: usize = 64;
 
 impl Scorer {
-    /// Deal probabilities, in input order.
-    pub async fn score(&mut self, examples: &[Example]) -> anyhow::Result<Vec<f32>> {
+    /// Deal probabilities, in input order, with `long_text` deciding texts past the window.
+    pub async fn score(&mut self, examples: &[Example], long_text: LongText) -> anyhow::Result<Vec<f32>> {
         let mut out = Vec::with_capacity(examples.len());
         for chunk in examples.chunks(CALL_SIZE) {
             match self {
                 Scorer::Local(engine) => {
                     let docs = chunk.iter().map(|e| Doc { id: e.id.clone(), title: e.title.clone(), text: e.text.clone() }).collect();
-                    let options = Options { threshold: engine.model.threshold, long_text: LongText::Truncate };
+                    let options = Options { threshold: engine.model.threshold, long_text };
                     let results = engine.classify(docs, options, None, Admission::Wait).await?;
                     out.extend(results.iter().map(|r| r.deal_probability));
                 }
@@ -37,7 +37,7 @@ impl Scorer {
                     let documents = chunk.iter().map(|e| Document { id: e.id.clone(), title: e.title.clone(), text: e.text.clone() }).collect();
                     let request = ClassifyRequest {
                         documents,
-                        options: Some(ClassifyOptions { threshold: None, long_text: crate::proto::LongText::Truncate as i32 }),
+                        options: Some(ClassifyOptions { threshold: None, long_text: crate::proto::LongText::from(long_text) as i32 }),
                     };
                     let response = client.classify(request).await.map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?;
                     out.extend(response.into_inner().results.iter().map(|r| r.deal_probability));

@@ -243,6 +243,9 @@ struct EvalArgs {
     /// Worst errors listed per set.
     #[arg(long, default_value_t = 10)]
     worst: usize,
+    /// Texts longer than the model window: truncated, as in training, or scored by windows.
+    #[arg(long, value_enum, default_value = "truncate")]
+    long_text: LongTextArg,
     /// Also write the full report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -668,7 +671,7 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
                 continue;
             }
             let started = std::time::Instant::now();
-            let probs = scorer.score(set).await?;
+            let probs = scorer.score(set, args.long_text.into()).await?;
             let report = dealsift::eval::evaluate(name, set, &probs, threshold, args.worst);
             print!("{}", dealsift::eval::render(&report));
             println!("   ({:.1}s)", started.elapsed().as_secs_f64());
