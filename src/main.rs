@@ -230,8 +230,9 @@ struct EvalArgs {
     /// Modern labels files (repeatable; default: every round in data/).
     #[arg(long)]
     labels: Vec<PathBuf>,
-    /// Sets to score (twitter-definition: the twitter test rows labelled by the deal definition).
-    #[arg(long, value_delimiter = ',', default_value = "reuters,twitter,twitter-definition,modern")]
+    /// Sets to score (twitter-definition: the twitter test rows labelled by the deal definition;
+    /// headlines: 2024-2026 publisher-style headlines, see data/DATA_CARD.md).
+    #[arg(long, value_delimiter = ',', default_value = "reuters,twitter,twitter-definition,modern,headlines")]
     sets: Vec<String>,
     /// Score the validation split instead of the test sets (to inspect calibration and the
     /// threshold on the data they were chosen on).

@@ -194,3 +194,24 @@ fn funding_headlines_pair_a_deal_with_a_non_deal_per_record() {
     let again = funding::load(&dir).unwrap();
     assert!(set.iter().zip(&again).all(|(a, b)| a.id == b.id && a.text == b.text), "deterministic");
 }
+
+/// The headlines test set: every row read twice, blind; the reads agree (kappa), and a label
+/// differs from agreeing reads never and from disagreeing ones only by adjudication.
+/// (`corpus_keeps_test_texts_out_of_training` keeps its texts out of training.)
+#[test]
+fn headlines_are_read_twice_adjudicated_and_kept_out_of_training() {
+    let path = data::headlines::default_path();
+    let rows = data::headlines::read_rows(&path).unwrap();
+    let pairs: Vec<Pair> = std::fs::read_to_string(&path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(rows.len() >= 400, "{} headlines", rows.len());
+    assert_eq!(rows.iter().map(|r| &r.id).collect::<HashSet<_>>().len(), rows.len(), "one row per id");
+    for (row, pair) in rows.iter().zip(&pairs) {
+        assert!(matches!(row.label.as_str(), "DEAL" | "NONDEAL"), "{}", row.id);
+        assert_eq!(row.label == "NONDEAL", row.subtype == "OTHER", "{}: {} {}", row.id, row.label, row.subtype);
+        let agreed = (pair.first.label.as_str(), pair.first.subtype.as_str()) == (pair.second.label.as_str(), pair.second.subtype.as_str());
+        let as_read = (row.label.as_str(), row.subtype.as_str()) == (pair.first.label.as_str(), pair.first.subtype.as_str());
+        assert!(if agreed { as_read } else { row.annotator.ends_with("+adjudicated") }, "{}: label without agreement or adjudication", row.id);
+    }
+    let (binary, subtype) = kappas(&pairs);
+    assert!(binary >= 0.85 && subtype >= 0.85, "kappa label {binary:.3}, subtype {subtype:.3}");
+}

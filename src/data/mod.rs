@@ -2,6 +2,7 @@
 //! into the repository). Every example keeps the stable id of its source item.
 
 pub mod funding;
+pub mod headlines;
 pub mod modern;
 pub mod reuters;
 pub mod twitter;
@@ -113,7 +114,8 @@ pub const VALIDATION_PERMILLE: u64 = 100;
 impl Corpus {
     /// Reuters ModApte (test = ModApte test), twitter topics (test = the public validation
     /// file; training rows our annotators relabelled take their label), and the modern
-    /// labels (`labels`: one file per annotation round) with their committed split.
+    /// labels (`labels`: one file per annotation round) with their committed split; plus the
+    /// headlines test set (see [`headlines`]).
     pub fn load(data_dir: &Path, labels: &[PathBuf]) -> Result<Self, DataError> {
         let rows = modern::read_label_files(labels)?;
         let relabelled: std::collections::HashMap<&str, &modern::LabelRow> =
@@ -146,6 +148,7 @@ impl Corpus {
             ("twitter-definition", twitter::by_definition(&twitter_test, &twitter::definition_labels_path())?),
             ("twitter", twitter_test),
             ("modern", modern_of(Split::Test)?),
+            ("headlines", headlines::load(&headlines::default_path())?),
         ];
         let mut seen: HashSet<String> = test.iter().flat_map(|(_, set)| set.iter().map(dedup_key)).collect();
         let mut take = |sets: Sets| -> Sets { sets.into_iter().map(|(name, set)| (name, dedup(set, &mut seen))).collect() };

@@ -212,6 +212,12 @@ def load_modern(rows, pools, split):
     return out
 
 
+def load_headlines(path):
+    """The headlines test set (headlines.rs): the project's own texts, in the repository."""
+    return [dict(id=r["id"], title=None, text=r["text"], deal=r["label"] == "DEAL", subtype=r["subtype"])
+            for r in read_labels(path)]
+
+
 # ---------------------------------------------------------------- Corpus::load (mod.rs)
 
 def load_corpus(data_dir, labels_paths):
@@ -239,7 +245,8 @@ def load_corpus(data_dir, labels_paths):
 
     test = [("reuters", load_reuters(rdir, "test")),
             ("twitter", [e for e, _ in load_twitter(tdir, "test")]),
-            ("modern", modern_of("test"))]
+            ("modern", modern_of("test")),
+            ("headlines", load_headlines(os.path.join(REPO, "data", "headlines-2024-2026.jsonl")))]
     seen = {dedup_key(e["title"], e["text"]) for _, s in test for e in s}
 
     def take(sets):
