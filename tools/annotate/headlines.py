@@ -41,7 +41,7 @@ def prepare(writer_dir, out):
                 continue
             seen.add(key)
             items.append({"text": x["text"].strip(), "month": x["month"], "writer": writer,
-                          "writer_label": x["intended"], "writer_subtype": x["subtype"]})
+                          "writer_label": x["intended"]})
     rng = random.Random(SEED)
     rng.shuffle(items)
     for n, x in enumerate(items, start=1):
