@@ -169,8 +169,10 @@ struct TrainArgs {
     /// Modern labels files (repeatable; default: every round in data/).
     #[arg(long)]
     labels: Vec<PathBuf>,
-    /// Training sources: reuters, twitter, modern, and funding (synthetic funding-round
-    /// headlines; off by default: no gain on the real validation or test data, see tools/recipe_sweep).
+    /// Training sources: reuters, twitter, modern, and two off by default (see
+    /// tools/recipe_sweep): headlines (written 2015-2023 headlines, data/DATA_CARD.md; two CPU
+    /// runs scored below 1.4.0 on validation) and funding (synthetic funding-round headlines;
+    /// no gain on the real validation or test data).
     #[arg(long, value_delimiter = ',', default_value = "reuters,twitter,modern")]
     sources: Vec<String>,
     #[arg(long, default_value_t = 20261126)]

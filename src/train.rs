@@ -29,7 +29,8 @@ pub struct TrainConfig {
     pub data_dir: PathBuf,
     /// Modern labels files, one per annotation round.
     pub labels: Vec<PathBuf>,
-    /// Training sources used (of reuters, twitter, modern, funding); validation always has all.
+    /// Training sources used (of reuters, twitter, modern, funding, headlines); validation has
+    /// every pool's carve-out, and the headlines' when they train (`Corpus::validation_for`).
     pub sources: Vec<String>,
     pub model_id: String,
     pub version: String,
@@ -134,8 +135,7 @@ pub fn train(cfg: TrainConfig) -> Result<TrainReport, TrainError> {
         train_items.extend(tokenize(&encoder, set.into_iter())?);
     }
     let validation: Vec<(&str, Vec<Item>)> = corpus
-        .validation
-        .iter()
+        .validation_for(&cfg.sources)
         .map(|(name, set)| Ok((*name, tokenize(&encoder, set.iter())?)))
         .collect::<Result<_, TrainError>>()?;
     tracing::info!(?train_counts, validation = ?validation.iter().map(|(n, v)| (n, v.len())).collect::<Vec<_>>(), "data ready");

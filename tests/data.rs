@@ -105,6 +105,14 @@ fn corpus_keeps_test_texts_out_of_training() {
     assert_eq!(&sizes[..3], [("reuters", 3299), ("twitter-definition", 4117), ("twitter", 4117)]);
     let (by_topic, by_definition) = (&corpus.test[2].1, &corpus.test[1].1);
     assert!(by_topic.iter().zip(by_definition).all(|(t, d)| t.id == d.id && t.text == d.text), "the same rows in the same order");
+    // The written headlines validate only a model they train, so models without them calibrate
+    // on the same sets as before they existed.
+    let validated = |sources: &[&str]| -> Vec<&str> {
+        let sources: Vec<String> = sources.iter().map(|s| s.to_string()).collect();
+        corpus.validation_for(&sources).map(|(name, _)| *name).collect()
+    };
+    assert_eq!(validated(&["reuters", "twitter", "modern"]), ["reuters", "twitter", "modern"]);
+    assert_eq!(validated(&["reuters", "twitter", "modern", "headlines"]), ["reuters", "twitter", "modern", "headlines"]);
 }
 
 #[derive(serde::Deserialize)]
@@ -195,14 +203,13 @@ fn funding_headlines_pair_a_deal_with_a_non_deal_per_record() {
     assert!(set.iter().zip(&again).all(|(a, b)| a.id == b.id && a.text == b.text), "deterministic");
 }
 
-/// The headlines test set: every row read twice, blind; the reads agree (kappa), and a label
-/// differs from agreeing reads never and from disagreeing ones only by adjudication.
-/// (`corpus_keeps_test_texts_out_of_training` keeps its texts out of training.)
-#[test]
-fn headlines_are_read_twice_and_disagreements_adjudicated() {
-    let rows = data::headlines::read_rows(&data::headlines::default_path()).unwrap();
-    let pairs = read_pairs("headlines-2024-2026.jsonl");
-    assert!(rows.len() >= 400, "{} headlines", rows.len());
+/// Both written-headline files: two judgments per row (the test set: two blind reads; the
+/// training set: a blind read and the writer's own label) that agree (kappa), and a label that
+/// differs from agreeing judgments never and from disagreeing ones only by adjudication.
+fn check_headline_judgments(path: &std::path::Path, min_rows: usize) -> Vec<data::headlines::HeadlineRow> {
+    let rows = data::headlines::read_rows(path).unwrap();
+    let pairs = read_pairs(path.file_name().unwrap().to_str().unwrap());
+    assert!(rows.len() >= min_rows, "{} headlines", rows.len());
     assert_eq!(rows.iter().map(|r| &r.id).collect::<HashSet<_>>().len(), rows.len(), "one row per id");
     for (row, pair) in rows.iter().zip(&pairs) {
         assert!(matches!(row.label.as_str(), "DEAL" | "NONDEAL"), "{}", row.id);
@@ -213,4 +220,37 @@ fn headlines_are_read_twice_and_disagreements_adjudicated() {
     }
     let (binary, subtype) = kappas(&pairs);
     assert!(binary >= 0.85 && subtype >= 0.85, "kappa label {binary:.3}, subtype {subtype:.3}");
+    rows
+}
+
+/// (`corpus_keeps_test_texts_out_of_training` keeps the test set's texts out of training.)
+#[test]
+fn headlines_are_read_twice_and_disagreements_adjudicated() {
+    check_headline_judgments(&data::headlines::default_path(), 400);
+}
+
+/// Training headlines: judged twice, of events before the test years, none sharing half its
+/// words with a test headline, and split into validation and training by event group.
+#[test]
+fn training_headlines_are_judged_twice_and_kept_apart_from_the_test_events() {
+    let rows = check_headline_judgments(&data::headlines::training_path(), 1000);
+    let words = |text: &str| -> HashSet<String> {
+        text.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(str::to_lowercase).collect()
+    };
+    let tests: Vec<_> = data::headlines::read_rows(&data::headlines::default_path()).unwrap().iter().map(|r| words(&r.text)).collect();
+    for row in &rows {
+        assert!(row.month.as_str() < "2024", "{}: {} is a test year", row.id, row.month);
+        let own = words(&row.text);
+        let close = tests.iter().find(|t| own.intersection(t).count() * 2 >= own.union(t).count());
+        assert!(close.is_none(), "{} shares half its words with a test headline", row.id);
+    }
+    let (validation, training) = data::headlines::load_split(&data::headlines::training_path()).unwrap();
+    let side: HashMap<&str, bool> = validation.iter().map(|e| (e.id.as_str(), true)).chain(training.iter().map(|e| (e.id.as_str(), false))).collect();
+    assert_eq!(side.len(), rows.len());
+    let mut group_side: HashMap<&str, bool> = HashMap::new();
+    for row in &rows {
+        let group = row.group.as_deref().expect("training rows carry their event group");
+        assert_eq!(*group_side.entry(group).or_insert(side[row.id.as_str()]), side[row.id.as_str()], "group {group} straddles the split");
+    }
+    assert!((150..=300).contains(&validation.len()), "{} validation headlines", validation.len());
 }

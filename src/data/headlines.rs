@@ -1,36 +1,63 @@
-//! The headlines test set (`data/headlines-2024-2026.jsonl`): publisher-style headlines of
-//! 2024-2026 events, written for this project and read twice, blind, against the deal
-//! definition (`tools/annotate/headlines.py`, `data/DATA_CARD.md`). It stands in for the
-//! headlines users send, which no shared pool has. Evaluation only; its texts are the
-//! project's own, so unlike the pools they live in the repository.
+//! Publisher-style headlines written for this project and read blind against the deal
+//! definition (`tools/annotate/headlines.py`, `data/DATA_CARD.md`): the kind of text users
+//! send, which no shared pool has. Their texts are the project's own, so unlike the pools
+//! they live in the repository. Two files, split by the years of the events:
+//! - `headlines-2024-2026.jsonl`, the headlines test set: read twice each; evaluation only.
+//! - `headlines-2015-2023.jsonl`, training headlines of older events (so no test event is
+//!   trained on): read once each beside the writer's own label; a validation share is carved
+//!   out by the hash of each headline's event group, so an event two writers both wrote
+//!   never sits on both sides.
 
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::{read_jsonl, DataError, Example};
+use super::{in_validation, read_jsonl, DataError, Example};
 
 #[derive(Debug, Deserialize)]
 pub struct HeadlineRow {
     pub id: String,
     pub text: String,
+    /// When the event happened (`YYYY-MM`), as the writer remembered it.
+    pub month: String,
     pub label: String,
     pub subtype: String,
-    /// The two readers (`a40+a41`), with `+adjudicated` where they disagreed.
+    /// The two judges (`a40+a41`, or a reader and the writer, `a44+w-1`), with
+    /// `+adjudicated` where they disagreed.
     pub annotator: String,
+    /// Training headlines: the first id of the group of headlines about the same event.
+    pub group: Option<String>,
 }
+
+/// Per mille of the training headlines carved out for validation: more than the pools'
+/// share, because the set is small and it is the closest the validation split comes to the
+/// headlines users send.
+pub const VALIDATION_PERMILLE: u64 = 200;
 
 pub fn default_path() -> PathBuf {
     super::modern::default_labels_path().with_file_name("headlines-2024-2026.jsonl")
+}
+
+pub fn training_path() -> PathBuf {
+    default_path().with_file_name("headlines-2015-2023.jsonl")
 }
 
 pub fn read_rows(path: &Path) -> Result<Vec<HeadlineRow>, DataError> {
     read_jsonl(path)
 }
 
+fn example(row: HeadlineRow) -> Example {
+    Example { id: row.id, title: None, text: row.text, deal: row.label == "DEAL", subtype: Some(row.subtype) }
+}
+
 pub fn load(path: &Path) -> Result<Vec<Example>, DataError> {
-    Ok(read_rows(path)?
+    Ok(read_rows(path)?.into_iter().map(example).collect())
+}
+
+/// The training headlines as (validation, training), split by event group.
+pub fn load_split(path: &Path) -> Result<(Vec<Example>, Vec<Example>), DataError> {
+    let (validation, training): (Vec<_>, Vec<_>) = read_rows(path)?
         .into_iter()
-        .map(|row| Example { id: row.id, title: None, text: row.text, deal: row.label == "DEAL", subtype: Some(row.subtype) })
-        .collect())
+        .partition(|row| in_validation(row.group.as_deref().unwrap_or(&row.id), VALIDATION_PERMILLE));
+    Ok((validation.into_iter().map(example).collect(), training.into_iter().map(example).collect()))
 }

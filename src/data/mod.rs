@@ -101,7 +101,8 @@ pub type Sets = Vec<(&'static str, Vec<Example>)>;
 
 /// All labelled data, split and de-duplicated: a text in a test set is never in
 /// validation or training, and a validation text never in training. Training also has the
-/// synthetic `funding` headlines (see [`funding`]).
+/// synthetic `funding` headlines (see [`funding`]) and the written 2015-2023 headlines (see
+/// [`headlines`]).
 pub struct Corpus {
     pub test: Sets,
     pub validation: Sets,
@@ -115,7 +116,8 @@ impl Corpus {
     /// Reuters ModApte (test = ModApte test), twitter topics (test = the public validation
     /// file; training rows our annotators relabelled take their label), and the modern
     /// labels (`labels`: one file per annotation round) with their committed split; plus the
-    /// headlines test set (see [`headlines`]).
+    /// written headlines (see [`headlines`]): 2024-2026 ones as a test set, 2015-2023 ones
+    /// split into training and validation by event group.
     pub fn load(data_dir: &Path, labels: &[PathBuf]) -> Result<Self, DataError> {
         let rows = modern::read_label_files(labels)?;
         let relabelled: std::collections::HashMap<&str, &modern::LabelRow> =
@@ -150,15 +152,29 @@ impl Corpus {
             ("modern", modern_of(Split::Test)?),
             ("headlines", headlines::load(&headlines::default_path())?),
         ];
+        let (headlines_val, headlines_train) = headlines::load_split(&headlines::training_path())?;
         let mut seen: HashSet<String> = test.iter().flat_map(|(_, set)| set.iter().map(dedup_key)).collect();
         let mut take = |sets: Sets| -> Sets { sets.into_iter().map(|(name, set)| (name, dedup(set, &mut seen))).collect() };
-        let validation = take(vec![("reuters", reuters_val), ("twitter", twitter_val), ("modern", modern_of(Split::Validation)?)]);
+        let validation = take(vec![
+            ("reuters", reuters_val),
+            ("twitter", twitter_val),
+            ("modern", modern_of(Split::Validation)?),
+            ("headlines", headlines_val),
+        ]);
         let train = take(vec![
             ("reuters", reuters_train),
             ("twitter", twitter_train),
             ("modern", modern_of(Split::Train)?),
             ("funding", funding::load(data_dir)?),
+            ("headlines", headlines_train),
         ]);
         Ok(Self { test, validation, train })
+    }
+
+    /// The validation sets of a model trained on `sources`: the pools' carve-outs always, since
+    /// every model is measured on them; the written headlines' carve-out only when that source
+    /// trains, so a model without it calibrates exactly as before the source existed.
+    pub fn validation_for<'a>(&'a self, sources: &'a [String]) -> impl Iterator<Item = &'a (&'static str, Vec<Example>)> + 'a {
+        self.validation.iter().filter(move |(name, _)| *name != "headlines" || sources.iter().any(|s| s == "headlines"))
     }
 }

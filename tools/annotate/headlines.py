@@ -1,5 +1,13 @@
 #!/usr/bin/env python3
-"""The headlines test set: publisher-style headlines of 2024-2026 events, read twice, blind.
+"""Publisher-style headlines written for this project, read blind against the deal definition.
+
+Two sets, told apart by their years:
+- test (headlines-2024-2026.jsonl): 2024-2026 events, every headline read twice, blind. For
+  evaluation only: never trained on, never used for calibration or the threshold.
+- training (headlines-2015-2023.jsonl): 2015-2023 events (older, so no event of the test years
+  is trained on), six writers by deal kind (their brief: headlines-writers.md), each headline read once, blind; the writer's own
+  label is the second judgment, and where the two differ the headline is adjudicated. Corpus::load
+  carves a validation split from it by id hash.
 
 Why: every labelled pool in ../shared is editor-written summaries, tweets or 2014 headlines, while
 the model is judged on real 2024-2026 publisher headlines, funding rounds the most common. Writers
@@ -7,12 +15,12 @@ the model is judged on real 2024-2026 publisher headlines, funding rounds the mo
 government contracts) wrote headlines of events they remember, in their own words, deals and hard
 non-deals mixed; their intended label is kept only to be compared. Two annotators then read every
 headline blind against ../shared/deal-definition.md (tools/annotate/GUIDE.md), and disagreements
-are adjudicated. The set is for evaluation only: never trained on, never used for calibration or
-the threshold. Unlike the pools, its texts are the project's own and live in the repository.
+are adjudicated. Unlike the pools, the texts are the project's own and live in the repository.
 
 Usage:
-  headlines.py prepare WRITER_DIR OUT_DIR   writer-*.jsonl -> items.jsonl + blind batches (all double)
-  headlines.py apply OUT_DIR REPO_DATA_DIR  reads + adjudicated.jsonl -> REPO_DATA_DIR/headlines-2024-2026.jsonl
+  headlines.py prepare SET WRITER_DIR OUT_DIR   writer-*.jsonl -> items.jsonl + blind batches
+  headlines.py apply SET OUT_DIR REPO_DATA_DIR  reads + adjudicated.jsonl -> REPO_DATA_DIR/<the set's file>
+SET is test or training.
 """
 import json, random, re, sys
 from collections import Counter
@@ -21,18 +29,65 @@ from pathlib import Path
 from append_round import kappa, read_batches
 from select_candidates import deal_blind_batches, jsonl
 
-SEED = 20261127
-BATCHES = 4
-FIRST_ANNOTATOR = 40
-OUT_NAME = "headlines-2024-2026.jsonl"
+SETS = {
+    # reads: blind reads per headline (a training headline's second judgment is its writer's).
+    "test": dict(seed=20261127, batches=4, first_annotator=40, out_name="headlines-2024-2026.jsonl",
+                 id_prefix="headline-", reads=2),
+    "training": dict(seed=20261128, batches=6, first_annotator=44, out_name="headlines-2015-2023.jsonl",
+                     id_prefix="headline-2015-2023-", reads=1),
+}
+
+
+TEST_FILE = Path(__file__).resolve().parents[2] / "data" / "headlines-2024-2026.jsonl"
 
 
 def normalised(text):
     return re.sub(r"\W+", " ", text.lower()).strip()
 
 
-def prepare(writer_dir, out):
-    items, seen = [], set()
+def word_set(text):
+    return set(normalised(text).split())
+
+
+def jaccard(a, b):
+    return len(a & b) / len(a | b)
+
+
+def event_groups(rows, threshold=0.4):
+    """{id: group id}: headlines sharing 40% of their words (Jaccard), chained, form one group,
+    named by its first id. Writers often wrote the same famous event, so the validation split
+    is carved by group: no event sits on both sides."""
+    words = [word_set(r["text"]) for r in rows]
+    parent = list(range(len(rows)))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+    for i in range(len(rows)):
+        for j in range(i + 1, len(rows)):
+            if jaccard(words[i], words[j]) >= threshold:
+                parent[max(root(i), root(j))] = min(root(i), root(j))
+    return {r["id"]: rows[root(i)]["id"] for i, r in enumerate(rows)}
+
+
+def too_close_to_test(set_name):
+    """For the training set: a predicate that is true of a headline of the test years or one
+    sharing half its words (Jaccard) with a test headline, so no test event is trained on."""
+    if set_name == "test":
+        return lambda x: False
+    tests = [word_set(r["text"]) for r in jsonl(TEST_FILE)]
+
+    def close(x):
+        words = word_set(x["text"])
+        return x["month"] >= "2024" or any(jaccard(words, t) >= 0.5 for t in tests)
+    return close
+
+
+def prepare(set_name, writer_dir, out):
+    spec = SETS[set_name]
+    items, seen, close, dropped = [], set(), too_close_to_test(set_name), 0
     for path in sorted(Path(writer_dir).glob("writer-*.jsonl")):
         writer = "w-" + path.stem.split("-")[1]
         for x in jsonl(path):
@@ -40,28 +95,38 @@ def prepare(writer_dir, out):
             if key in seen:
                 continue
             seen.add(key)
+            if close(x):
+                dropped += 1
+                continue
             items.append({"text": x["text"].strip(), "month": x["month"], "writer": writer,
-                          "writer_label": x["intended"]})
-    rng = random.Random(SEED)
+                          "writer_label": x["intended"], "writer_subtype": x["subtype"]})
+    if dropped:
+        print(f"{dropped} headlines dropped: of the test years or too close to a test headline")
+    rng = random.Random(spec["seed"])
     rng.shuffle(items)
     for n, x in enumerate(items, start=1):
-        x["id"] = f"headline-{n:04d}"
+        x["id"] = f"{spec['id_prefix']}{n:04d}"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "items.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(x, ensure_ascii=False) + "\n" for x in items)
-    deal_blind_batches([{"id": x["id"], "text": x["text"]} for x in items], BATCHES, len(items), rng, out)
+    n_double = len(items) if spec["reads"] == 2 else 0
+    deal_blind_batches([{"id": x["id"], "text": x["text"]} for x in items], spec["batches"], n_double, rng, out)
 
 
-def apply(out, repo_data):
+def apply(set_name, out, repo_data):
+    spec = SETS[set_name]
     out = Path(out)
     items = jsonl(out / "items.jsonl")
-    reads = read_batches(out, FIRST_ANNOTATOR)
+    reads = read_batches(out, spec["first_annotator"])
     adjudicated = {x["id"]: x for x in jsonl(out / "adjudicated.jsonl")} if (out / "adjudicated.jsonl").exists() else {}
-    pairs = [(reads[x["id"]][0], reads[x["id"]][1]) for x in items]
+    if spec["reads"] == 2:
+        pairs = [(reads[x["id"]][0], reads[x["id"]][1]) for x in items]
+    else:
+        pairs = [(reads[x["id"]][0], (x["writer"], x["writer_label"], x["writer_subtype"])) for x in items]
     label_agree, label_kappa = kappa([(a[1], b[1]) for a, b in pairs])
     subtype_agree, subtype_kappa = kappa([(a[2], b[2]) for a, b in pairs])
-    print(f"{len(pairs)} headlines read twice: label agreement {label_agree:.3f} kappa {label_kappa:.3f}; "
+    print(f"{len(pairs)} headlines, two judgments each: label agreement {label_agree:.3f} kappa {label_kappa:.3f}; "
           f"subtype agreement {subtype_agree:.3f} kappa {subtype_kappa:.3f}")
     missing = [x["id"] for x, (a, b) in zip(items, pairs) if a[1:] != b[1:] and x["id"] not in adjudicated]
     if missing:
@@ -75,7 +140,12 @@ def apply(out, repo_data):
                      "annotator": annotator, "first": {"label": a[1], "subtype": a[2]},
                      "second": {"label": b[1], "subtype": b[2]}, "writer": x["writer"], "writer_label": x["writer_label"]})
     rows.sort(key=lambda r: r["id"])
-    with open(Path(repo_data) / OUT_NAME, "w", encoding="utf-8") as f:
+    if spec["reads"] == 1:
+        groups = event_groups(rows)
+        for r in rows:
+            r["group"] = groups[r["id"]]
+        print(f"{len(set(groups.values()))} event groups over {len(rows)} headlines")
+    with open(Path(repo_data) / spec["out_name"], "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     writer_agree, writer_kappa = kappa([(r["writer_label"], r["label"]) for r in rows])
     print(f"{len(rows)} rows, deals by subtype {dict(Counter(r['subtype'] for r in rows))}; "

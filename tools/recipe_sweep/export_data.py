@@ -6,7 +6,8 @@ tools/recipe_sweep/data.jsonl.gz: one JSON object per example
 
 Mirrors Corpus::load: validation carve-out by FNV-1a(id) % 1000 < 100 from the Reuters and
 twitter training files, twitter training rows relabelled by data/modern-labels*.jsonl (every round),
-modern examples from the committed split (twitter-topic-* ids excluded), test sets whole,
+modern examples from the committed split (twitter-topic-* ids excluded), the written headlines
+(2024-2026: test; 2015-2023: validation by FNV-1a(event group) % 1000 < 200, else train), test sets whole,
 and dedup (test keys first, then validation, then train) so no test text is in
 validation/train and no validation text is in train. Non-deal caps are NOT applied here.
 
@@ -25,6 +26,7 @@ from collections import Counter
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 VALIDATION_PERMILLE = 100
+HEADLINES_VALIDATION_PERMILLE = 200  # headlines.rs VALIDATION_PERMILLE
 
 # Rust's char::is_whitespace / str::split_whitespace use the Unicode White_Space property.
 _RUST_WS = "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(chr(c) for c in range(0x2000, 0x200B)) + "\u2028\u2029\u202f\u205f\u3000"
@@ -213,9 +215,9 @@ def load_modern(rows, pools, split):
 
 
 def load_headlines(path):
-    """The headlines test set (headlines.rs): the project's own texts, in the repository."""
-    return [dict(id=r["id"], title=None, text=r["text"], deal=r["label"] == "DEAL", subtype=r["subtype"])
-            for r in read_labels(path)]
+    """Written headlines (headlines.rs): the project's own texts, in the repository."""
+    return [dict(id=r["id"], title=None, text=r["text"], deal=r["label"] == "DEAL", subtype=r["subtype"],
+                 group=r.get("group", r["id"])) for r in read_labels(path)]
 
 
 # ---------------------------------------------------------------- Corpus::load (mod.rs)
@@ -261,8 +263,11 @@ def load_corpus(data_dir, labels_paths):
             out.append((name, kept))
         return out
 
-    validation = take([("reuters", r_val), ("twitter", t_val), ("modern", modern_of("validation"))])
-    train = take([("reuters", r_train), ("twitter", t_train), ("modern", modern_of("train"))])
+    h_all = load_headlines(os.path.join(REPO, "data", "headlines-2015-2023.jsonl"))
+    h_val = [e for e in h_all if in_validation(e["group"], HEADLINES_VALIDATION_PERMILLE)]
+    h_train = [e for e in h_all if not in_validation(e["group"], HEADLINES_VALIDATION_PERMILLE)]
+    validation = take([("reuters", r_val), ("twitter", t_val), ("modern", modern_of("validation")), ("headlines", h_val)])
+    train = take([("reuters", r_train), ("twitter", t_train), ("modern", modern_of("train")), ("headlines", h_train)])
     return {"test": test, "validation": validation, "train": train}
 
 
@@ -289,14 +294,15 @@ def main():
     print(f"wrote {n} examples to {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB)")
     print(f"{'set':8} {'split':10} {'total':>6} {'deals':>6} {'nondeal':>7}")
     for split in ("train", "validation", "test"):
-        for name in ("reuters", "twitter", "modern"):
+        for name in ("reuters", "twitter", "modern", "headlines"):
             d, nd = counts[(name, split, True)], counts[(name, split, False)]
             print(f"{name:8} {split:10} {d + nd:6d} {d:6d} {nd:7d}")
     train = [(name, counts[(name, "train", True)] + counts[(name, "train", False)], counts[(name, "train", True)])
-             for name in ("reuters", "twitter", "modern")]
+             for name in ("reuters", "twitter", "modern", "headlines")]
     # What `dealsift train` logs as train_counts and validation sizes with the four rounds.
-    expected = {"train_counts": [("reuters", 8475, 1477), ("twitter", 15289, 1196), ("modern", 9651, 1819)],
-                "validation": {"reuters": 960, "twitter": 1698, "modern": 1247},
+    expected = {"train_counts": [("reuters", 8475, 1477), ("twitter", 15289, 1196), ("modern", 9651, 1819),
+                                 ("headlines", 946, 543)],
+                "validation": {"reuters": 960, "twitter": 1698, "modern": 1247, "headlines": 223},
                 "reuters_test": (3299, 719), "twitter_test": 4117}
     ok = train == expected["train_counts"]
     for name, size in expected["validation"].items():
