@@ -233,7 +233,8 @@ struct EvalArgs {
     #[arg(long)]
     labels: Vec<PathBuf>,
     /// Sets to score (twitter-definition: the twitter test rows labelled by the deal definition;
-    /// headlines: 2024-2026 publisher-style headlines, see data/DATA_CARD.md).
+    /// headlines: 2024-2026 publisher-style headlines, or with --validation the 2015-2023 ones'
+    /// carve-out; see data/DATA_CARD.md).
     #[arg(long, value_delimiter = ',', default_value = "reuters,twitter,twitter-definition,modern,headlines")]
     sets: Vec<String>,
     /// Score the validation split instead of the test sets (to inspect calibration and the

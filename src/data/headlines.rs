@@ -5,8 +5,8 @@
 //! - `headlines-2024-2026.jsonl`, the headlines test set: read twice each; evaluation only.
 //! - `headlines-2015-2023.jsonl`, training headlines of older events (so no test event is
 //!   trained on): read once each beside the writer's own label; a validation share is carved
-//!   out by the hash of each headline's event group, so an event two writers both wrote
-//!   never sits on both sides.
+//!   out by the hash of each headline's group (headlines sharing 40% of their words), so
+//!   near-identical wordings of one event never sit on both sides.
 
 use std::path::{Path, PathBuf};
 
@@ -25,7 +25,7 @@ pub struct HeadlineRow {
     /// The two judges (`a40+a41`, or a reader and the writer, `a44+w-1`), with
     /// `+adjudicated` where they disagreed.
     pub annotator: String,
-    /// Training headlines: the first id of the group of headlines about the same event.
+    /// Training headlines: the first id of its group (headlines sharing 40% of their words).
     pub group: Option<String>,
 }
 
@@ -54,7 +54,9 @@ pub fn load(path: &Path) -> Result<Vec<Example>, DataError> {
     Ok(read_rows(path)?.into_iter().map(example).collect())
 }
 
-/// The training headlines as (validation, training), split by event group.
+/// The training headlines as (validation, training), split by group. A group is named by its
+/// first id, so unlike the pools' split this one depends on the file: regenerating it with new
+/// headlines can merge groups and move rows across.
 pub fn load_split(path: &Path) -> Result<(Vec<Example>, Vec<Example>), DataError> {
     let (validation, training): (Vec<_>, Vec<_>) = read_rows(path)?
         .into_iter()

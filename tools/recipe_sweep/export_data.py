@@ -299,7 +299,8 @@ def main():
             print(f"{name:8} {split:10} {d + nd:6d} {d:6d} {nd:7d}")
     train = [(name, counts[(name, "train", True)] + counts[(name, "train", False)], counts[(name, "train", True)])
              for name in ("reuters", "twitter", "modern", "headlines")]
-    # What `dealsift train` logs as train_counts and validation sizes with the four rounds.
+    # What `dealsift train --sources reuters,twitter,modern,headlines` logs as train_counts and
+    # validation sizes with the four rounds (without `headlines`, the first three of each).
     expected = {"train_counts": [("reuters", 8475, 1477), ("twitter", 15289, 1196), ("modern", 9651, 1819),
                                  ("headlines", 946, 543)],
                 "validation": {"reuters": 960, "twitter": 1698, "modern": 1247, "headlines": 223},

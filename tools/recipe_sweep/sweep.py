@@ -10,8 +10,9 @@ to change); AdamW (betas 0.9/0.999, eps 1e-8, wd 0.01 on every trainable tensor)
 warmup (ceil 6% of steps) then linear decay to 0, batch 32 in length-sorted pools of 50
 batches, weighted CE (deal weight 2.0, normalised by the weight sum), grad-norm clip 1.0;
 embeddings + bottom N encoder layers frozen. Then temperature (NLL, golden section on log T in
-[0.05, 20]) and threshold (0.05..0.95 step 0.01, max mean F1 over the validation sets)
-on validation only, as src/metrics.rs does; test sets are only scored at that threshold.
+[0.05, 20]) and threshold (0.05..0.95 step 0.01, max mean F1 over the validation sets: every
+pool's carve-out, the written headlines' only for configs trained on them, as
+Corpus::validation_for) on validation only, as src/metrics.rs does; test sets are only scored at that threshold.
 
 Data: tools/recipe_sweep/data.jsonl.gz (from tools/recipe_sweep/export_data.py). Base: tools/recipe_sweep/base (float16 weights,
 loaded as float32). Results: one line per config on stdout, and JSON lines appended to
@@ -36,7 +37,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SETS = ("reuters", "twitter", "modern")  # validated and tested (main adds "headlines" where the data has it)
+SETS = ("reuters", "twitter", "modern")  # trained on by default, validated and tested
 SOURCES = SETS + ("funding",)  # trained on: + the synthetic funding headlines (src/data/funding.rs)
 WRITTEN = SETS + ("headlines",)  # trained on: + the written 2015-2023 headlines (src/data/headlines.rs)
 SUBTYPES = ("MA", "STAKE", "INVEST", "IPO", "CONTRACT")
@@ -67,7 +68,8 @@ CONFIGS = {
     "S": dict(epochs=3, frozen=2, lr=1.5e-4, max_len=128, caps={}, sources=SETS),
     "U": dict(epochs=2, frozen=0, lr=1e-4, max_len=128, caps={}, sources=SETS),
     "V": dict(epochs=3, frozen=2, lr=1.5e-4, max_len=128, caps={}, sources=SETS, repeat={"modern": 2}, strip_links=True),
-    # The written 2015-2023 headlines are in the data from here on (validated as "headlines").
+    # The written 2015-2023 headlines are in the data from here on: their carve-out is reported
+    # for every config and, as Corpus::validation_for does, calibrates only configs trained on them.
     "W": dict(epochs=2, frozen=2, lr=1.5e-4, max_len=128, caps={}, sources=WRITTEN),
     "X": dict(epochs=2, frozen=2, lr=1.5e-4, max_len=128, caps={}, sources=WRITTEN, repeat={"headlines": 3}),
 }
@@ -300,13 +302,19 @@ def predict(model, windows, pad_id, device, amp, batch=256):
     return out
 
 
-def calibrate(val_logits, val_truth):
-    all_l = np.concatenate([val_logits[n] for n in SETS])
-    all_y = np.concatenate([val_truth[n] for n in SETS])
+def calibrate(val_logits, val_truth, sets):
+    """Temperature and threshold on the validation sets `sets`; probabilities for every set given."""
+    all_l = np.concatenate([val_logits[n] for n in sets])
+    all_y = np.concatenate([val_truth[n] for n in sets])
     temperature = fit_temperature(all_l, all_y)
-    probs = {n: deal_prob(val_logits[n], temperature) for n in SETS}
-    thr, mean_f1 = best_threshold([(probs[n], val_truth[n]) for n in SETS])
+    probs = {n: deal_prob(val_logits[n], temperature) for n in val_logits}
+    thr, mean_f1 = best_threshold([(probs[n], val_truth[n]) for n in sets])
     return temperature, thr, mean_f1, probs
+
+
+def calibration_sets(cfg, reported):
+    """Corpus::validation_for: every pool's carve-out, the headlines' only when they train."""
+    return tuple(n for n in reported if n != "headlines" or "headlines" in cfg.get("sources", SETS))
 
 
 def run_config(name, cfg, data, content, enc, args, device, verbose):
@@ -329,8 +337,10 @@ def run_config(name, cfg, data, content, enc, args, device, verbose):
         train_counts.append((n, len(keep[n]), int(sum(train_recs[n][i]["deal"] for i in keep[n]))))
     train_y = np.array(train_y, dtype=np.int64)
     lengths = np.array([len(w) for w in train_w])
-    val_truth = {n: np.array([r["deal"] for r in data[(n, "validation")]], dtype=bool) for n in SETS}
-    test_truth = {n: np.array([r["deal"] for r in data[(n, "test")]], dtype=bool) for n in SETS}
+    reported = args.reported
+    calibrated = calibration_sets(cfg, reported)
+    val_truth = {n: np.array([r["deal"] for r in data[(n, "validation")]], dtype=bool) for n in reported}
+    test_truth = {n: np.array([r["deal"] for r in data[(n, "test")]], dtype=bool) for n in reported}
 
     model = build_model(args, cfg, seed, device, verbose)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -386,9 +396,9 @@ def run_config(name, cfg, data, content, enc, args, device, verbose):
             break
         if epoch + 1 < cfg["epochs"]:
             # Per-epoch validation (calibrated as at the end), to see where the curve peaks.
-            vl = {n: predict(model, win[(n, "validation")], pad_id, device, amp, args.eval_batch) for n in SETS}
-            t, thr, mean_f1, probs = calibrate(vl, val_truth)
-            f1s = {n: round(prf(probs[n], val_truth[n], np.float32(thr))[0], 4) for n in SETS}
+            vl = {n: predict(model, win[(n, "validation")], pad_id, device, amp, args.eval_batch) for n in reported}
+            t, thr, mean_f1, probs = calibrate(vl, val_truth, calibrated)
+            f1s = {n: round(prf(probs[n], val_truth[n], np.float32(thr))[0], 4) for n in reported}
             epochs_val.append({"epoch": epoch + 1, "temperature": round(t, 4), "threshold": round(thr, 2), "mean_f1": round(mean_f1, 4), "f1": f1s})
             log(f"  {name} epoch {epoch + 1} validation mean F1 {mean_f1:.4f} {f1s} (T {t:.3f}, thr {thr:.2f})")
     if device.type == "cuda":
@@ -397,17 +407,17 @@ def run_config(name, cfg, data, content, enc, args, device, verbose):
 
     # Calibration and threshold: validation only.
     t_eval = time.time()
-    vl = {n: predict(model, win[(n, "validation")], pad_id, device, amp, args.eval_batch) for n in SETS}
-    temperature, thr, mean_f1, vprobs = calibrate(vl, val_truth)
+    vl = {n: predict(model, win[(n, "validation")], pad_id, device, amp, args.eval_batch) for n in reported}
+    temperature, thr, mean_f1, vprobs = calibrate(vl, val_truth, calibrated)
     thr32 = np.float32(thr)
     validation = {}
-    for n in SETS:
+    for n in reported:
         f1, p, r = prf(vprobs[n], val_truth[n], thr32)
         validation[n] = {"n": int(len(val_truth[n])), "deals": int(val_truth[n].sum()), "f1": round(f1, 4),
                          "precision": round(p, 4), "recall": round(r, 4), "roc_auc": _r(roc_auc(vprobs[n], val_truth[n]))}
     validation["modern"]["recall_by_subtype"] = recall_by_subtype(data[("modern", "validation")], vprobs["modern"], thr32)
     test = {}
-    for n in SETS:
+    for n in reported:
         tl = predict(model, win[(n, "test")], pad_id, device, amp, args.eval_batch)
         probs = deal_prob(tl, temperature)
         f1, p, r = prf(probs, test_truth[n], thr32)
@@ -424,8 +434,8 @@ def run_config(name, cfg, data, content, enc, args, device, verbose):
         "train_counts": train_counts, "steps": step, "train_s": round(train_s, 1), "eval_s": round(eval_s, 1),
         "total_s": round(time.time() - t_start, 1), "ms_per_step": round(1000 * train_s / max(step, 1), 2),
         "padded_tokens": padded_tokens, "temperature": round(temperature, 4), "threshold": round(thr, 2),
-        "validation_mean_f1": round(mean_f1, 4), "validation": validation, "test": test,
-        "test_mean_f1": round(sum(test[n]["f1"] for n in SETS) / len(SETS), 4),
+        "calibrated_on": calibrated, "validation_mean_f1": round(mean_f1, 4), "validation": validation, "test": test,
+        "test_mean_f1": round(sum(test[n]["f1"] for n in SETS) / len(SETS), 4),  # the three benchmark sets
         "epochs_validation": epochs_val, "loss_curve": loss_curve, "device": str(device),
         "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
     }
@@ -453,8 +463,8 @@ def _r(x):
 def compact(res):
     c = res
     head = f"{c['config']}: ep{c['epochs']} fr{c['frozen']} lr{c['lr']:.1e} len{c['max_len']} caps={'none' if c['caps'] == 'none' else '/'.join(f'{k[0]}{v}' for k, v in c['caps'].items())}"
-    v = " ".join(f"{n[0]} {c['validation'][n]['f1']:.4f}" for n in SETS)
-    t = " ".join(f"{n[0]} {c['test'][n]['f1']:.4f}/{c['test'][n]['precision']:.3f}/{c['test'][n]['recall']:.3f}/{(c['test'][n]['roc_auc'] or float('nan')):.4f}" for n in SETS)
+    v = " ".join(f"{n[0]} {c['validation'][n]['f1']:.4f}" for n in c["validation"])
+    t = " ".join(f"{n[0]} {c['test'][n]['f1']:.4f}/{c['test'][n]['precision']:.3f}/{c['test'][n]['recall']:.3f}/{(c['test'][n]['roc_auc'] or float('nan')):.4f}" for n in c["test"])
     sub = " ".join(f"{k} {h}/{n}" for k, (h, n) in c["test"]["modern"].get("recall_by_subtype", {}).items())
     vsub = " ".join(f"{k} {h}/{n}" for k, (h, n) in c["validation"]["modern"].get("recall_by_subtype", {}).items())
     head += f" sources={','.join(c.get('sources', SETS))}"
@@ -500,8 +510,7 @@ def main():
         + f" configs {names} limit {args.limit} max_steps {args.max_steps} -> {out_path}")
 
     data = load_data(args.data, args.limit, args.seed)
-    global SETS
-    SETS = tuple(n for n in WRITTEN if (n, "validation") in data)
+    args.reported = tuple(n for n in WRITTEN if (n, "validation") in data)  # validated and tested
     enc = Encoder(os.path.join(args.base, "tokenizer.json"))
     with open(os.path.join(args.base, "config.json")) as f:
         args.pad_id = json.load(f).get("pad_token_id", 0)
