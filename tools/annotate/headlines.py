@@ -11,11 +11,11 @@ Two sets, told apart by their years:
 
 Why: every labelled pool in ../shared is editor-written summaries, tweets or 2014 headlines, while
 the model is judged on real 2024-2026 publisher headlines, funding rounds the most common. Writers
-(w-a: startup and AI financing, w-b: M&A and capital markets, w-c: technology, industry and
-government contracts) wrote headlines of events they remember, in their own words, deals and hard
-non-deals mixed; their intended label is kept only to be compared. Two annotators then read every
-headline blind against ../shared/deal-definition.md (tools/annotate/GUIDE.md), and disagreements
-are adjudicated. Unlike the pools, the texts are the project's own and live in the repository.
+(test: w-a financing, w-b M&A and capital markets, w-c contracts; training: w-1..w-6) wrote
+headlines of events they remember, in their own words, deals and hard non-deals mixed. Annotators
+read them blind against ../shared/deal-definition.md (tools/annotate/GUIDE.md): two per test
+headline, whose writer's label is only compared; one per training headline, beside its writer's
+label. Unlike the pools, the texts are the project's own and live in the repository.
 
 Usage:
   headlines.py prepare SET WRITER_DIR OUT_DIR   writer-*.jsonl -> items.jsonl + blind batches
