@@ -3,10 +3,11 @@
 //! send, which no shared pool has. Their texts are the project's own, so unlike the pools
 //! they live in the repository. Two files, split by the years of the events:
 //! - `headlines-2024-2026.jsonl`, the headlines test set: read twice each; evaluation only.
-//! - `headlines-2015-2023.jsonl`, training headlines of older events (so no test event is
-//!   trained on): read once each beside the writer's own label; a validation share is carved
-//!   out by the hash of each headline's group (headlines sharing 40% of their words), so
-//!   near-identical wordings of one event never sit on both sides.
+//! - `headlines-2015-2023.jsonl` and `headlines-2012-2023-r2.jsonl`, two rounds of training
+//!   headlines of older events (so no test event is trained on): read once each beside the
+//!   writer's own label; a validation share is carved out by the hash of each headline's group
+//!   (headlines of both rounds sharing 40% of their words), so near-identical wordings of one
+//!   event never sit on both sides.
 
 use std::path::{Path, PathBuf};
 
@@ -38,8 +39,9 @@ pub fn default_path() -> PathBuf {
     super::modern::default_labels_path().with_file_name("headlines-2024-2026.jsonl")
 }
 
-pub fn training_path() -> PathBuf {
-    default_path().with_file_name("headlines-2015-2023.jsonl")
+/// The training rounds' files; their groups were computed over both together.
+pub fn training_paths() -> [PathBuf; 2] {
+    ["headlines-2015-2023.jsonl", "headlines-2012-2023-r2.jsonl"].map(|name| default_path().with_file_name(name))
 }
 
 pub fn read_rows(path: &Path) -> Result<Vec<HeadlineRow>, DataError> {
@@ -54,12 +56,15 @@ pub fn load(path: &Path) -> Result<Vec<Example>, DataError> {
     Ok(read_rows(path)?.into_iter().map(example).collect())
 }
 
-/// The training headlines as (validation, training), split by group. A group is named by its
-/// first id, so unlike the pools' split this one depends on the file: regenerating it with new
-/// headlines can merge groups and move rows across.
-pub fn load_split(path: &Path) -> Result<(Vec<Example>, Vec<Example>), DataError> {
-    let (validation, training): (Vec<_>, Vec<_>) = read_rows(path)?
-        .into_iter()
-        .partition(|row| in_validation(row.group.as_deref().unwrap_or(&row.id), VALIDATION_PERMILLE));
+/// The training headlines of `paths` as (validation, training), split by group. A group is
+/// named by its first id, so unlike the pools' split this one depends on the files: a new
+/// round can merge groups and move rows across.
+pub fn load_split(paths: &[PathBuf]) -> Result<(Vec<Example>, Vec<Example>), DataError> {
+    let mut rows = Vec::new();
+    for path in paths {
+        rows.extend(read_rows(path)?);
+    }
+    let (validation, training): (Vec<_>, Vec<_>) =
+        rows.into_iter().partition(|row| in_validation(row.group.as_deref().unwrap_or(&row.id), VALIDATION_PERMILLE));
     Ok((validation.into_iter().map(example).collect(), training.into_iter().map(example).collect()))
 }

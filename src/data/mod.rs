@@ -101,7 +101,7 @@ pub type Sets = Vec<(&'static str, Vec<Example>)>;
 
 /// All labelled data, split and de-duplicated: a text in a test set is never in
 /// validation or training, and a validation text never in training. Training also has the
-/// synthetic `funding` headlines (see [`funding`]) and the written 2015-2023 headlines (see
+/// synthetic `funding` headlines (see [`funding`]) and the written 2012-2023 headlines (see
 /// [`headlines`]).
 pub struct Corpus {
     pub test: Sets,
@@ -116,7 +116,7 @@ impl Corpus {
     /// Reuters ModApte (test = ModApte test), twitter topics (test = the public validation
     /// file; training rows our annotators relabelled take their label), and the modern
     /// labels (`labels`: one file per annotation round) with their committed split; plus the
-    /// written headlines (see [`headlines`]): 2024-2026 ones as a test set, 2015-2023 ones
+    /// written headlines (see [`headlines`]): 2024-2026 ones as a test set, 2012-2023 ones
     /// split into training and validation by event group.
     pub fn load(data_dir: &Path, labels: &[PathBuf]) -> Result<Self, DataError> {
         let rows = modern::read_label_files(labels)?;
@@ -152,7 +152,7 @@ impl Corpus {
             ("modern", modern_of(Split::Test)?),
             ("headlines", headlines::load(&headlines::default_path())?),
         ];
-        let (headlines_val, headlines_train) = headlines::load_split(&headlines::training_path())?;
+        let (headlines_val, headlines_train) = headlines::load_split(&headlines::training_paths())?;
         let mut seen: HashSet<String> = test.iter().flat_map(|(_, set)| set.iter().map(dedup_key)).collect();
         let mut take = |sets: Sets| -> Sets { sets.into_iter().map(|(name, set)| (name, dedup(set, &mut seen))).collect() };
         let validation = take(vec![

@@ -1,17 +1,19 @@
 #!/usr/bin/env python3
 """Publisher-style headlines written for this project, read blind against the deal definition.
 
-Two sets, told apart by their years:
+Sets, told apart by their years:
 - test (headlines-2024-2026.jsonl): 2024-2026 events, every headline read twice, blind. For
   evaluation only: never trained on, never used for calibration or the threshold.
 - training (headlines-2015-2023.jsonl): 2015-2023 events (older, so no event of the test years
   is trained on), six writers by deal kind (their brief: headlines-writers.md), each headline read once, blind; the writer's own
   label is the second judgment, and where the two differ the headline is adjudicated. Corpus::load
   carves 20% of its groups of near-identical headlines out for validation.
+- training-r2 (headlines-2012-2023-r2.jsonl): a second round of training headlines, 2012-2023, by
+  eight more writers (w-7..w-14), read the same way; its groups are formed together with round 1's.
 
 Why: every labelled pool in ../shared is editor-written summaries, tweets or 2014 headlines, while
 the model is judged on real 2024-2026 publisher headlines, funding rounds the most common. Writers
-(test: w-a financing, w-b M&A and capital markets, w-c contracts; training: w-1..w-6) wrote
+(test: w-a financing, w-b M&A and capital markets, w-c contracts; training: w-1..w-14) wrote
 headlines of events they remember, in their own words, deals and hard non-deals mixed. Annotators
 read them blind against ../shared/deal-definition.md (tools/annotate/GUIDE.md): two per test
 headline, whose writer's label is only compared; one per training headline, beside its writer's
@@ -20,7 +22,7 @@ label. Unlike the pools, the texts are the project's own and live in the reposit
 Usage:
   headlines.py prepare SET WRITER_DIR OUT_DIR   writer-*.jsonl -> items.jsonl + blind batches
   headlines.py apply SET OUT_DIR REPO_DATA_DIR  reads + adjudicated.jsonl -> REPO_DATA_DIR/<the set's file>
-SET is test or training.
+SET is test, training or training-r2 (which extends training: run after it).
 """
 import json, random, re, sys
 from collections import Counter
@@ -35,6 +37,10 @@ SETS = {
                  id_prefix="headline-", reads=2),
     "training": dict(seed=20261128, batches=6, first_annotator=44, out_name="headlines-2015-2023.jsonl",
                      id_prefix="headline-2015-2023-", reads=1),
+    # Round 2 of the training headlines: its groups are computed together with round 1's, whose
+    # file it rewrites (only the group fields change), so no event straddles the split.
+    "training-r2": dict(seed=20261129, batches=8, first_annotator=50, out_name="headlines-2012-2023-r2.jsonl",
+                        id_prefix="headline-r2-", reads=1, joins="training", late=("writer-9",)),
 }
 
 
@@ -85,10 +91,22 @@ def too_close_to_test(set_name):
     return close
 
 
-def prepare(set_name, writer_dir, out):
-    spec = SETS[set_name]
-    items, seen, close, dropped = [], set(), too_close_to_test(set_name), 0
-    for path in sorted(Path(writer_dir).glob("writer-*.jsonl")):
+def joined_rows(spec):
+    """The final rows of the set this one extends (round 1 for round 2), or none."""
+    if "joins" not in spec:
+        return []
+    return jsonl(TEST_FILE.with_name(SETS[spec["joins"]]["out_name"]))
+
+
+def write_rows(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def read_writers(paths, spec, seen, close):
+    """The writers' headlines, less duplicates (of each other or of `seen`) and those `close` drops."""
+    items, dropped = [], 0
+    for path in paths:
         writer = "w-" + path.stem.split("-")[1]
         for x in jsonl(path):
             key = normalised(x["text"])
@@ -104,16 +122,36 @@ def prepare(set_name, writer_dir, out):
             items.append(item)
     if dropped:
         print(f"{dropped} headlines dropped: of the test years or too close to a test headline")
+    return items
+
+
+def prepare(set_name, writer_dir, out):
+    """Late writers (the spec's `late`, whose files came after the batches went out) are
+    numbered after the others and read in one extra batch, leaving the others' ids unchanged."""
+    spec = SETS[set_name]
+    close, late = too_close_to_test(set_name), spec.get("late", ())
+    seen = {normalised(r["text"]) for r in joined_rows(spec)}
+    paths = sorted(Path(writer_dir).glob("writer-*.jsonl"))
+    items = read_writers([p for p in paths if p.stem not in late], spec, seen, close)
     rng = random.Random(spec["seed"])
     rng.shuffle(items)
     for n, x in enumerate(items, start=1):
         x["id"] = f"{spec['id_prefix']}{n:04d}"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "items.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(x, ensure_ascii=False) + "\n" for x in items)
     n_double = len(items) if spec["reads"] == 2 else 0
     deal_blind_batches([{"id": x["id"], "text": x["text"]} for x in items], spec["batches"], n_double, rng, out)
+    if late:
+        extra = read_writers([p for p in paths if p.stem in late], spec, seen, close)
+        rng.shuffle(extra)
+        for n, x in enumerate(extra, start=len(items) + 1):
+            x["id"] = f"{spec['id_prefix']}{n:04d}"
+        with open(out / f"batch_{spec['batches']}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({"id": x["id"], "text": x["text"]}, ensure_ascii=False) + "\n" for x in extra)
+        print(f"{len(extra)} late items in batch_{spec['batches']}")
+        items += extra
+    with open(out / "items.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(x, ensure_ascii=False) + "\n" for x in items)
 
 
 def apply(set_name, out, repo_data):
@@ -143,12 +181,18 @@ def apply(set_name, out, repo_data):
                      "second": {"label": b[1], "subtype": b[2]}, "writer": x["writer"], "writer_label": x["writer_label"]})
     rows.sort(key=lambda r: r["id"])
     if spec["reads"] == 1:
-        groups = event_groups(rows)
+        joined = joined_rows(spec)
+        groups = event_groups(sorted(joined + rows, key=lambda r: r["id"]))
         for r in rows:
             r["group"] = groups[r["id"]]
-        print(f"{len(set(groups.values()))} event groups over {len(rows)} headlines")
-    with open(Path(repo_data) / spec["out_name"], "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        print(f"{len(set(groups.values()))} event groups over {len(joined) + len(rows)} headlines")
+        if joined:
+            moved = sum(r["group"] != groups[r["id"]] for r in joined)
+            for r in joined:
+                r["group"] = groups[r["id"]]
+            write_rows(Path(repo_data) / SETS[spec["joins"]]["out_name"], joined)
+            print(f"{moved} of {len(joined)} {spec['joins']} headlines joined a larger group")
+    write_rows(Path(repo_data) / spec["out_name"], rows)
     writer_agree, writer_kappa = kappa([(r["writer_label"], r["label"]) for r in rows])
     print(f"{len(rows)} rows, deals by subtype {dict(Counter(r['subtype'] for r in rows))}; "
           f"writers' intended label against the final one: agreement {writer_agree:.3f} kappa {writer_kappa:.3f}")

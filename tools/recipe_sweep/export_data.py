@@ -7,7 +7,7 @@ tools/recipe_sweep/data.jsonl.gz: one JSON object per example
 Mirrors Corpus::load: validation carve-out by FNV-1a(id) % 1000 < 100 from the Reuters and
 twitter training files, twitter training rows relabelled by data/modern-labels*.jsonl (every round),
 modern examples from the committed split (twitter-topic-* ids excluded), the written headlines
-(2024-2026: test; 2015-2023: validation by FNV-1a(event group) % 1000 < 200, else train), test sets whole,
+(2024-2026: test; 2012-2023, both rounds: validation by FNV-1a(event group) % 1000 < 200, else train), test sets whole,
 and dedup (test keys first, then validation, then train) so no test text is in
 validation/train and no validation text is in train. Non-deal caps are NOT applied here.
 
@@ -263,7 +263,8 @@ def load_corpus(data_dir, labels_paths):
             out.append((name, kept))
         return out
 
-    h_all = load_headlines(os.path.join(REPO, "data", "headlines-2015-2023.jsonl"))
+    h_all = [e for name in ("headlines-2015-2023.jsonl", "headlines-2012-2023-r2.jsonl")  # headlines::training_paths
+             for e in load_headlines(os.path.join(REPO, "data", name))]
     h_val = [e for e in h_all if in_validation(e["group"], HEADLINES_VALIDATION_PERMILLE)]
     h_train = [e for e in h_all if not in_validation(e["group"], HEADLINES_VALIDATION_PERMILLE)]
     validation = take([("reuters", r_val), ("twitter", t_val), ("modern", modern_of("validation")), ("headlines", h_val)])
