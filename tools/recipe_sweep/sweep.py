@@ -39,7 +39,7 @@ import torch.nn.functional as F  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 SETS = ("reuters", "twitter", "modern")  # trained on by default, validated and tested
 SOURCES = SETS + ("funding",)  # trained on: + the synthetic funding headlines (src/data/funding.rs)
-WRITTEN = SETS + ("headlines",)  # trained on: + the written 2015-2023 headlines (src/data/headlines.rs)
+WRITTEN = SETS + ("headlines",)  # trained on: + the written training headlines (src/data/headlines.rs; both rounds since round 2)
 SUBTYPES = ("MA", "STAKE", "INVEST", "IPO", "CONTRACT")
 DEFAULT_CAPS = {"reuters": 3000, "twitter": 6000}
 
