@@ -22,7 +22,8 @@ label. Unlike the pools, the texts are the project's own and live in the reposit
 Usage:
   headlines.py prepare SET WRITER_DIR OUT_DIR   writer-*.jsonl -> items.jsonl + blind batches
   headlines.py apply SET OUT_DIR REPO_DATA_DIR  reads + adjudicated.jsonl -> REPO_DATA_DIR/<the set's file>
-SET is test, training or training-r2 (which extends training: run after it).
+SET is test, training or training-r2 (which extends training: prepare it after training is applied).
+Applying a training round regroups every training round in REPO_DATA_DIR together.
 """
 import json, random, re, sys
 from collections import Counter
@@ -37,8 +38,9 @@ SETS = {
                  id_prefix="headline-", reads=2),
     "training": dict(seed=20261128, batches=6, first_annotator=44, out_name="headlines-2015-2023.jsonl",
                      id_prefix="headline-2015-2023-", reads=1),
-    # Round 2 of the training headlines: its groups are computed together with round 1's, whose
-    # file it rewrites (only the group fields change), so no event straddles the split.
+    # Round 2 of the training headlines: it drops duplicates of round 1's, and its groups are
+    # computed together with round 1's, whose file it rewrites (only the group fields change),
+    # so no event straddles the split.
     "training-r2": dict(seed=20261129, batches=8, first_annotator=50, out_name="headlines-2012-2023-r2.jsonl",
                         id_prefix="headline-r2-", reads=1, joins="training", late=("writer-9",)),
 }
@@ -91,11 +93,18 @@ def too_close_to_test(set_name):
     return close
 
 
-def joined_rows(spec):
+def joined_rows(spec, repo_data=TEST_FILE.parent):
     """The final rows of the set this one extends (round 1 for round 2), or none."""
     if "joins" not in spec:
         return []
-    return jsonl(TEST_FILE.with_name(SETS[spec["joins"]]["out_name"]))
+    return jsonl(Path(repo_data) / SETS[spec["joins"]]["out_name"])
+
+
+def other_rounds(set_name, repo_data):
+    """{set name: final rows} of the other training rounds already in `repo_data`: every round's
+    groups are formed over all of them, so applying any round (in any order) gives the same groups."""
+    return {name: jsonl(Path(repo_data) / spec["out_name"]) for name, spec in SETS.items()
+            if spec["reads"] == 1 and name != set_name and (Path(repo_data) / spec["out_name"]).exists()}
 
 
 def write_rows(path, rows):
@@ -141,8 +150,8 @@ def prepare(set_name, writer_dir, out):
     out.mkdir(parents=True, exist_ok=True)
     n_double = len(items) if spec["reads"] == 2 else 0
     deal_blind_batches([{"id": x["id"], "text": x["text"]} for x in items], spec["batches"], n_double, rng, out)
-    if late:
-        extra = read_writers([p for p in paths if p.stem in late], spec, seen, close)
+    extra = read_writers([p for p in paths if p.stem in late], spec, seen, close)
+    if extra:
         rng.shuffle(extra)
         for n, x in enumerate(extra, start=len(items) + 1):
             x["id"] = f"{spec['id_prefix']}{n:04d}"
@@ -181,17 +190,18 @@ def apply(set_name, out, repo_data):
                      "second": {"label": b[1], "subtype": b[2]}, "writer": x["writer"], "writer_label": x["writer_label"]})
     rows.sort(key=lambda r: r["id"])
     if spec["reads"] == 1:
-        joined = joined_rows(spec)
-        groups = event_groups(sorted(joined + rows, key=lambda r: r["id"]))
+        others = other_rounds(set_name, repo_data)
+        everything = rows + [r for other in others.values() for r in other]
+        groups = event_groups(sorted(everything, key=lambda r: r["id"]))
         for r in rows:
             r["group"] = groups[r["id"]]
-        print(f"{len(set(groups.values()))} event groups over {len(joined) + len(rows)} headlines")
-        if joined:
-            moved = sum(r["group"] != groups[r["id"]] for r in joined)
-            for r in joined:
+        print(f"{len(set(groups.values()))} event groups over {len(everything)} headlines")
+        for name, other in others.items():
+            moved = sum(r["group"] != groups[r["id"]] for r in other)
+            for r in other:
                 r["group"] = groups[r["id"]]
-            write_rows(Path(repo_data) / SETS[spec["joins"]]["out_name"], joined)
-            print(f"{moved} of {len(joined)} {spec['joins']} headlines joined a larger group")
+            write_rows(Path(repo_data) / SETS[name]["out_name"], other)
+            print(f"{moved} of {len(other)} {name} headlines changed group")
     write_rows(Path(repo_data) / spec["out_name"], rows)
     writer_agree, writer_kappa = kappa([(r["writer_label"], r["label"]) for r in rows])
     print(f"{len(rows)} rows, deals by subtype {dict(Counter(r['subtype'] for r in rows))}; "
