@@ -200,13 +200,14 @@ fn with_options(threshold: Option<f32>, long_text: i32) -> dealsift::proto::Clas
 async fn deadline_shorter_than_queue_wait_is_deadline_exceeded() {
     let rows = Arc::new(AtomicUsize::new(0));
     let counter = rows.clone();
-    let server = TestServer::ready_with(config(), move |cpu| Box::new(Slow { inner: cpu, delay: Duration::from_millis(400), rows: counter })).await;
+    // The server answers 10% (50 ms) before the client's own 500 ms timer would cancel the call.
+    let server = TestServer::ready_with(config(), move |cpu| Box::new(Slow { inner: cpu, delay: Duration::from_millis(1500), rows: counter })).await;
     let mut busy = server.client().await;
     let blocker = tokio::spawn(async move { busy.classify(request(vec![doc("busy", HEADLINES[0])])).await });
     tokio::time::sleep(Duration::from_millis(50)).await;
 
     let mut req = tonic::Request::new(request(vec![doc("late", HEADLINES[1])]));
-    req.set_timeout(Duration::from_millis(100));
+    req.set_timeout(Duration::from_millis(500));
     let err = server.client().await.classify(req).await.unwrap_err();
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
     blocker.await.unwrap().unwrap();
