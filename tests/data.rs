@@ -229,6 +229,18 @@ fn headlines_are_read_twice_and_disagreements_adjudicated() {
     check_headline_judgments(&data::headlines::default_path(), 400);
 }
 
+/// A headline's words as `tools/annotate/headlines.py` splits them (`\W+`, lower case), so the
+/// checks below apply the rules that tool applied.
+fn word_set(text: &str) -> HashSet<String> {
+    text.to_lowercase().split(|c: char| !(c.is_alphanumeric() || c == '_')).filter(|w| !w.is_empty()).map(str::to_owned).collect()
+}
+
+/// Whether two word sets' Jaccard similarity reaches `numerator / denominator`.
+fn share_at_least(a: &HashSet<String>, b: &HashSet<String>, numerator: usize, denominator: usize) -> bool {
+    let shared = a.intersection(b).count();
+    shared * denominator >= numerator * (a.len() + b.len() - shared)
+}
+
 /// Training headlines (both rounds): judged twice, of events before the test years, none
 /// sharing half its words with a test headline, and split into validation and training by
 /// event groups that span the rounds.
@@ -237,14 +249,11 @@ fn training_headlines_are_judged_twice_and_kept_apart_from_the_test_events() {
     let paths = data::headlines::training_paths();
     let mut rows = check_headline_judgments(&paths[0], 1000);
     rows.extend(check_headline_judgments(&paths[1], 1500));
-    let words = |text: &str| -> HashSet<String> {
-        text.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(str::to_lowercase).collect()
-    };
-    let tests: Vec<_> = data::headlines::read_rows(&data::headlines::default_path()).unwrap().iter().map(|r| words(&r.text)).collect();
+    let tests: Vec<_> = data::headlines::read_rows(&data::headlines::default_path()).unwrap().iter().map(|r| word_set(&r.text)).collect();
     for row in &rows {
         assert!(row.month.as_str() < "2024", "{}: {} is a test year", row.id, row.month);
-        let own = words(&row.text);
-        let close = tests.iter().find(|t| own.intersection(t).count() * 2 >= own.union(t).count());
+        let own = word_set(&row.text);
+        let close = tests.iter().find(|t| share_at_least(&own, t, 1, 2));
         assert!(close.is_none(), "{} shares half its words with a test headline", row.id);
     }
     let (validation, training) = data::headlines::load_split(&paths).unwrap();
@@ -253,16 +262,11 @@ fn training_headlines_are_judged_twice_and_kept_apart_from_the_test_events() {
     // The split follows the group, so what keeps an event on one side is the grouping itself:
     // no validation headline shares 40% of its words (headlines.py's rule) with a training one.
     let group: HashMap<&str, &str> = rows.iter().map(|r| (r.id.as_str(), r.group.as_deref().expect("training rows carry their event group"))).collect();
-    let python_words = |text: &str| -> HashSet<String> {
-        text.to_lowercase().split(|c: char| !(c.is_alphanumeric() || c == '_')).filter(|w| !w.is_empty()).map(str::to_owned).collect()
-    };
-    let training_words: Vec<_> = training.iter().map(|e| (e.id.as_str(), python_words(&e.text))).collect();
+    let training_words: Vec<_> = training.iter().map(|e| (e.id.as_str(), word_set(&e.text))).collect();
     for held_out in &validation {
-        let own = python_words(&held_out.text);
+        let own = word_set(&held_out.text);
         for (id, other) in &training_words {
-            let shared = own.intersection(other).count();
-            let close = shared * 5 >= 2 * (own.len() + other.len() - shared);
-            assert!(!close, "{} (validation, group {}) and {id} (training, group {}) share 40% of their words", held_out.id, group[held_out.id.as_str()], group[id]);
+            assert!(!share_at_least(&own, other, 2, 5), "{} (validation, group {}) and {id} (training, group {}) share 40% of their words", held_out.id, group[held_out.id.as_str()], group[id]);
         }
     }
     let share = validation.len() as f64 / rows.len() as f64;

@@ -93,11 +93,11 @@ def too_close_to_test(set_name):
     return close
 
 
-def joined_rows(spec, repo_data=TEST_FILE.parent):
+def joined_rows(spec):
     """The final rows of the set this one extends (round 1 for round 2), or none."""
     if "joins" not in spec:
         return []
-    return jsonl(Path(repo_data) / SETS[spec["joins"]]["out_name"])
+    return jsonl(TEST_FILE.with_name(SETS[spec["joins"]]["out_name"]))
 
 
 def other_rounds(set_name, repo_data):
@@ -155,12 +155,10 @@ def prepare(set_name, writer_dir, out):
         rng.shuffle(extra)
         for n, x in enumerate(extra, start=len(items) + 1):
             x["id"] = f"{spec['id_prefix']}{n:04d}"
-        with open(out / f"batch_{spec['batches']}.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps({"id": x["id"], "text": x["text"]}, ensure_ascii=False) + "\n" for x in extra)
+        write_rows(out / f"batch_{spec['batches']}.jsonl", [{"id": x["id"], "text": x["text"]} for x in extra])
         print(f"{len(extra)} late items in batch_{spec['batches']}")
         items += extra
-    with open(out / "items.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(x, ensure_ascii=False) + "\n" for x in items)
+    write_rows(out / "items.jsonl", items)
 
 
 def apply(set_name, out, repo_data):
