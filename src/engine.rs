@@ -9,7 +9,8 @@ use sha2::{Digest, Sha256};
 
 use crate::batcher::{Batcher, JobError, QueueFull, Reservation};
 use crate::error::{BackendError, ModelError};
-use crate::model::BertConfig;
+use crate::model::config::LexicalMeta;
+use crate::model::{lexical, BertConfig, LexicalModel};
 use crate::proto::{DocumentResult, Label, LabelScore, Timing};
 use crate::tokenize::{Encoded, LongText, TextEncoder};
 
@@ -26,6 +27,8 @@ pub struct ModelDir {
     pub threshold: f32,
     /// Tokens per window, special tokens included.
     pub window: usize,
+    /// The whole-document lexical model and how it joins the transformer, when the directory has one.
+    pub lexical: Option<(Arc<LexicalModel>, LexicalMeta)>,
 }
 
 impl ModelDir {
@@ -55,6 +58,10 @@ impl ModelDir {
             return Err(ModelError::Invalid(format!("dealsift.temperature must be > 0, got {temperature}")));
         }
         let threshold = meta.threshold.unwrap_or(0.5) as f32;
+        let lexical = match meta.lexical {
+            Some(how) => Some((Arc::new(LexicalModel::load(&path.join(lexical::FILE))?), how)),
+            None => None,
+        };
         Ok(Self {
             path: path.to_path_buf(),
             labels: config.labels()?,
@@ -65,6 +72,7 @@ impl ModelDir {
             temperature,
             threshold,
             window,
+            lexical,
         })
     }
 }
@@ -150,6 +158,7 @@ impl Engine {
     pub async fn classify(&self, docs: Vec<Doc>, options: Options, deadline: Option<Instant>, admission: Admission) -> Result<Vec<DocumentResult>, EngineError> {
         let started = Instant::now();
         let encoder = self.encoder.clone();
+        let lexical = self.model.lexical.as_ref().map(|(model, _)| model.clone());
         let max_chunks = self.max_chunks;
         let (encoded, ids) = tokio::task::spawn_blocking(move || {
             let mut out = Vec::with_capacity(docs.len());
@@ -157,7 +166,8 @@ impl Engine {
             for doc in docs {
                 let t0 = Instant::now();
                 let enc = encoder.encode(doc.title.as_deref(), &doc.text, options.long_text, max_chunks)?;
-                out.push((enc, t0.elapsed()));
+                let lexical_logit = lexical.as_ref().map(|m| m.logit(doc.title.as_deref(), &doc.text));
+                out.push((enc, lexical_logit, t0.elapsed()));
                 ids.push(doc.id);
             }
             Ok::<_, ModelError>((out, ids))
@@ -166,7 +176,7 @@ impl Engine {
         .map_err(|_| EngineError::ShuttingDown)?
         .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
 
-        let needed: usize = encoded.iter().map(|(e, _)| e.windows.len()).sum();
+        let needed: usize = encoded.iter().map(|(e, _, _)| e.windows.len()).sum();
         if needed > self.batcher.capacity() {
             return Err(EngineError::TooLarge { needed, limit: self.batcher.capacity() });
         }
@@ -174,7 +184,7 @@ impl Engine {
             Admission::FailFast => self.batcher.try_reserve(needed)?,
             Admission::Wait => self.batcher.reserve(needed).await,
         };
-        let windows: Vec<Vec<u32>> = encoded.iter().flat_map(|(e, _)| e.windows.iter().cloned()).collect();
+        let windows: Vec<Vec<u32>> = encoded.iter().flat_map(|(e, _, _)| e.windows.iter().cloned()).collect();
         let receivers = self.batcher.submit(reservation, windows, deadline);
         let wait_all = futures::future::join_all(receivers);
         let answers = match deadline {
@@ -191,14 +201,14 @@ impl Engine {
         Ok(encoded
             .into_iter()
             .zip(ids)
-            .map(|((enc, tokenize), id)| {
+            .map(|((enc, lexical_logit, tokenize), id)| {
                 let windows: Vec<_> = scored.by_ref().take(enc.windows.len()).collect();
-                self.result(id, &enc, tokenize, windows, options)
+                self.result(id, &enc, lexical_logit, tokenize, windows, options)
             })
             .collect())
     }
 
-    fn result(&self, id: String, enc: &Encoded, tokenize: Duration, windows: Vec<crate::batcher::Scored>, options: Options) -> DocumentResult {
+    fn result(&self, id: String, enc: &Encoded, lexical_logit: Option<f32>, tokenize: Duration, windows: Vec<crate::batcher::Scored>, options: Options) -> DocumentResult {
         let probs: Vec<Vec<f32>> = windows.iter().map(|w| softmax(&w.logits, self.model.temperature)).collect();
         let deal = self.model.deal_index;
         let scores: Vec<f32> = match options.long_text {
@@ -210,6 +220,13 @@ impl Engine {
                 .max_by(|a, b| a[deal].total_cmp(&b[deal]))
                 .cloned()
                 .unwrap_or_default(),
+        };
+        let scores = match (lexical_logit, &self.model.lexical) {
+            (Some(z), Some((_, how))) => {
+                let p = combine(scores.get(deal).copied().unwrap_or(0.0), z, how);
+                (0..scores.len()).map(|l| if l == deal { p } else { 1.0 - p }).collect()
+            }
+            _ => scores,
         };
         let deal_probability = scores.get(deal).copied().unwrap_or(0.0);
         let label = if deal_probability >= options.threshold { Label::Deal } else { Label::NonDeal };
@@ -230,6 +247,13 @@ impl Engine {
             }),
         }
     }
+}
+
+/// The deal probability from the transformer's calibrated probability and the lexical logit.
+pub fn combine(transformer_probability: f32, lexical_logit: f32, how: &LexicalMeta) -> f32 {
+    let p = (transformer_probability as f64).clamp(1e-7, 1.0 - 1e-7);
+    let z = ((1.0 - how.weight) * (p / (1.0 - p)).ln() + how.weight * lexical_logit as f64) / how.temperature;
+    (1.0 / (1.0 + (-z).exp())) as f32
 }
 
 /// Softmax of `logits / temperature`, computed in f64 for stability.

@@ -1,5 +1,6 @@
 //! The `dealsift` command: `serve` runs the gRPC service, `classify` is its client.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -206,11 +207,24 @@ struct TrainArgs {
     max_steps: Option<usize>,
     #[arg(long, default_value = "dealsift-minilm-l6")]
     model_id: String,
-    #[arg(long, default_value = "1.5.0")]
+    #[arg(long, default_value = "1.6.0")]
     version: String,
     /// CPU threads (default: all cores).
     #[arg(long, env = "DEALSIFT_THREADS")]
     threads: Option<usize>,
+    /// Inverse L2 strength of the whole-document lexical model (see models/*/MODEL_CARD.md).
+    #[arg(long, default_value_t = 8.0)]
+    lexical_c: f64,
+    /// Hash buckets of the lexical model's words and word pairs.
+    #[arg(long, default_value_t = dealsift::model::lexical::DEFAULT_BUCKETS)]
+    lexical_buckets: usize,
+    /// Train the transformer only, without the lexical model.
+    #[arg(long, conflicts_with = "lexical_only")]
+    no_lexical: bool,
+    /// Keep the transformer already in --out and fit only the lexical model and how it joins
+    /// (minutes instead of an hour); --version names the result.
+    #[arg(long)]
+    lexical_only: bool,
 }
 
 fn parse_limit(s: &str) -> Result<(String, usize), String> {
@@ -252,6 +266,10 @@ struct EvalArgs {
     /// Also write the full report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Also write every document's deal probability here, as JSON lines (set, id, deal,
+    /// subtype, deal_probability), for error analysis and comparing models item by item.
+    #[arg(long)]
+    predictions: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -582,6 +600,14 @@ fn classify(args: ClassifyCli) -> anyhow::Result<()> {
 
 fn train(args: TrainArgs) -> anyhow::Result<()> {
     set_threads(args.threads);
+    anyhow::ensure!(args.lexical_c > 0.0 && args.lexical_buckets > 0, "--lexical-c and --lexical-buckets must be positive");
+    let lexical = dealsift::train::LexicalConfig { c: args.lexical_c, buckets: args.lexical_buckets, deal_weight: args.deal_weight };
+    let data_dir = args.data_dir.unwrap_or_else(dealsift::data::default_data_dir);
+    if args.lexical_only {
+        let report = dealsift::train::add_lexical(&args.out, &data_dir, &label_files(args.labels), &args.sources, &lexical, &args.version)?;
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
     anyhow::ensure!(
         args.base_model.join("model.safetensors").is_file(),
         "no base model at {}: run tools/fetch_base_model.sh first",
@@ -590,7 +616,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     let config = dealsift::train::TrainConfig {
         base_model: args.base_model,
         out_dir: args.out,
-        data_dir: args.data_dir.unwrap_or_else(dealsift::data::default_data_dir),
+        data_dir,
         labels: label_files(args.labels),
         sources: args.sources,
         model_id: args.model_id,
@@ -607,9 +633,13 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         per_source_limit: args.limits,
         frozen_layers: args.frozen_layers,
         max_steps: args.max_steps,
+        lexical: (!args.no_lexical).then_some(lexical),
     };
     let report = dealsift::train::train(config)?;
     println!("{}", serde_json::to_string_pretty(&report.validation)?);
+    if let Some(lexical) = &report.lexical {
+        println!("joined with the lexical model (weight {:.2}):\n{}", lexical.weight, serde_json::to_string_pretty(&lexical.validation)?);
+    }
     println!("temperature {:.4} threshold {:.2} steps {} in {:.0}s", report.temperature, report.threshold, report.steps, report.seconds);
     Ok(())
 }
@@ -668,6 +698,12 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
         let threshold = args.threshold.unwrap_or(default_threshold);
         let corpus = dealsift::data::Corpus::load(&data_dir, &labels)?;
         let mut reports = Vec::new();
+        let mut predictions = match &args.predictions {
+            Some(path) => Some(std::io::BufWriter::new(
+                std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
+            )),
+            None => None,
+        };
         let sets = if args.validation { &corpus.validation } else { &corpus.test };
         for (name, set) in sets {
             if !args.sets.iter().any(|s| s == name) {
@@ -675,10 +711,20 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
             }
             let started = std::time::Instant::now();
             let probs = scorer.score(set, args.long_text.into()).await?;
+            if let Some(out) = predictions.as_mut() {
+                for (example, p) in set.iter().zip(&probs) {
+                    let row = serde_json::json!({"set": name, "id": example.id, "deal": example.deal,
+                                                 "subtype": example.subtype, "deal_probability": p});
+                    writeln!(out, "{row}")?;
+                }
+            }
             let report = dealsift::eval::evaluate(name, set, &probs, threshold, args.worst);
             print!("{}", dealsift::eval::render(&report));
             println!("   ({:.1}s)", started.elapsed().as_secs_f64());
             reports.push(report);
+        }
+        if let Some(mut out) = predictions {
+            out.flush()?;
         }
         if let Some(path) = &args.json {
             std::fs::write(path, serde_json::to_string_pretty(&reports)?)?;

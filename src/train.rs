@@ -16,7 +16,8 @@ use serde::Serialize;
 use crate::backend::{Batch, Bucket};
 use crate::data::{Corpus, Example};
 use crate::metrics::{best_threshold, fit_temperature, roc_auc, Confusion};
-use crate::model::{BertClassifier, BertConfig, Kernels};
+use crate::model::config::LexicalMeta;
+use crate::model::{lexical, BertClassifier, BertConfig, Kernels, LexicalModel};
 use crate::tokenize::{LongText, TextEncoder};
 
 /// Files copied from the base model directory into the trained one.
@@ -51,6 +52,19 @@ pub struct TrainConfig {
     pub frozen_layers: usize,
     /// Stop after this many steps (smoke tests); None trains every epoch fully.
     pub max_steps: Option<usize>,
+    /// The whole-document lexical model fit after the transformer (None: transformer only).
+    pub lexical: Option<LexicalConfig>,
+}
+
+/// The lexical stage (`model::lexical`): a logistic regression over hashed words and word pairs
+/// of the training sources' full texts, joined to the transformer by a weight chosen on validation.
+#[derive(Debug, Clone, Serialize)]
+pub struct LexicalConfig {
+    /// Inverse L2 strength (as scikit-learn's `C`): larger fits the training data more closely.
+    pub c: f64,
+    pub buckets: usize,
+    /// Loss weight of the deal class relative to non-deal.
+    pub deal_weight: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +112,23 @@ pub struct TrainReport {
     pub threshold: f32,
     pub validation: Vec<SetReport>,
     pub loss_curve: Vec<(usize, f32)>,
+    pub lexical: Option<LexicalReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LexicalReport {
+    pub config: LexicalConfig,
+    pub train_examples: usize,
+    pub seconds: f64,
+    /// The transformer's share of the combined log-odds is 1 - weight.
+    pub weight: f64,
+    pub temperature: f64,
+    pub threshold: f32,
+    /// Mean validation F1 at the best threshold, for every weight tried (0 = transformer alone).
+    pub weights_tried: Vec<(f64, f64)>,
+    /// The lexical model alone at 0.5, and the combination at its threshold.
+    pub lexical_alone: Vec<SetReport>,
+    pub validation: Vec<SetReport>,
 }
 
 /// Trains, calibrates and writes the model directory. Returns the report also written
@@ -227,6 +258,14 @@ pub fn train(cfg: TrainConfig) -> Result<TrainReport, TrainError> {
     let (threshold, _) = best_threshold(&sets);
     let validation_report = reports(&validation, &val_logits, temperature, threshold);
     tracing::info!(temperature, threshold, "calibrated on validation");
+    let lexical = match &cfg.lexical {
+        Some(lc) => {
+            let examples: Vec<(&str, &[Example])> = corpus.validation_for(&cfg.sources).map(|(n, s)| (*n, s.as_slice())).collect();
+            let transformer: Vec<Vec<f32>> = probs.iter().map(|(p, _)| p.clone()).collect();
+            Some(fit_lexical(&corpus, &cfg.sources, &examples, &transformer, lc)?)
+        }
+        None => None,
+    };
 
     let report = TrainReport {
         config: cfg.clone(),
@@ -237,9 +276,18 @@ pub fn train(cfg: TrainConfig) -> Result<TrainReport, TrainError> {
         threshold,
         validation: validation_report,
         loss_curve,
+        lexical: None,
     };
     save(&cfg, &varmap, config_json, &report)?;
-    Ok(report)
+    match lexical {
+        Some((model, lexical_report)) => {
+            write_lexical(&cfg.out_dir, &model, &lexical_report, None)?;
+            let report = TrainReport { lexical: Some(lexical_report), ..report };
+            write_json(&cfg.out_dir.join("training_report.json"), &serde_json::to_value(&report).map_err(|e| TrainError::Invalid(e.to_string()))?)?;
+            Ok(report)
+        }
+        None => Ok(report),
+    }
 }
 
 impl TrainConfig {
@@ -412,18 +460,22 @@ fn reports(sets: &[(&str, Vec<Item>)], logits: &[Vec<Vec<f32>>], temperature: f6
         .map(|((name, items), logits)| {
             let probs: Vec<f32> = logits.iter().map(|l| crate::metrics::deal_probability(l, 1, temperature)).collect();
             let truth: Vec<bool> = items.iter().map(|i| i.deal).collect();
-            let c = Confusion::new(&probs, &truth, threshold);
-            SetReport {
-                name: name.to_string(),
-                examples: items.len(),
-                deals: truth.iter().filter(|&&t| t).count(),
-                f1: c.f1(),
-                precision: c.precision(),
-                recall: c.recall(),
-                roc_auc: roc_auc(&probs, &truth),
-            }
+            set_report(name, &probs, &truth, threshold)
         })
         .collect()
+}
+
+fn set_report(name: &str, probs: &[f32], truth: &[bool], threshold: f32) -> SetReport {
+    let c = Confusion::new(probs, truth, threshold);
+    SetReport {
+        name: name.to_string(),
+        examples: truth.len(),
+        deals: truth.iter().filter(|&&t| t).count(),
+        f1: c.f1(),
+        precision: c.precision(),
+        recall: c.recall(),
+        roc_auc: roc_auc(probs, truth),
+    }
 }
 
 /// Writes f16 weights, config with calibration, tokenizer files and the report.
@@ -473,6 +525,107 @@ fn save(cfg: &TrainConfig, varmap: &VarMap, mut config_json: serde_json::Value, 
         }
     }
     write_json(&cfg.out_dir.join("training_report.json"), &serde_json::to_value(report).map_err(|e| TrainError::Invalid(e.to_string()))?)
+}
+
+/// The lexical stage on its own, for a model directory trained earlier (its transformer, its
+/// temperature): fits the lexical model on `sources`' training texts, chooses the weight and the
+/// threshold on the validation sets, and writes `lexical.safetensors`, `config.json` (with
+/// `version`) and `lexical_report.json` into `model_dir`.
+pub fn add_lexical(model_dir: &Path, data_dir: &Path, labels: &[PathBuf], sources: &[String], lc: &LexicalConfig, version: &str) -> Result<LexicalReport, TrainError> {
+    let dir = crate::engine::ModelDir::open(model_dir, None)?;
+    let encoder = TextEncoder::from_file(&model_dir.join("tokenizer.json"), dir.window)?;
+    let weights = model_dir.join("model.safetensors");
+    // SAFETY: the file is mapped read-only and not modified while this runs.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, &Device::Cpu)? };
+    let model = BertClassifier::load(vb, &dir.config)?;
+    let corpus = Corpus::load(data_dir, labels)?;
+    let examples: Vec<(&str, &[Example])> = corpus.validation_for(sources).map(|(n, s)| (*n, s.as_slice())).collect();
+    let validation: Vec<(&str, Vec<Item>)> =
+        examples.iter().map(|(name, set)| Ok((*name, tokenize(&encoder, set.iter())?))).collect::<Result<_, TrainError>>()?;
+    let logits = validation_logits(&model, &validation, dir.config.pad_token_id, &Device::Cpu)?;
+    let transformer: Vec<Vec<f32>> = logits
+        .iter()
+        .map(|set| set.iter().map(|l| crate::metrics::deal_probability(l, dir.deal_index, dir.temperature)).collect())
+        .collect();
+    let (lexical, report) = fit_lexical(&corpus, sources, &examples, &transformer, lc)?;
+    write_lexical(model_dir, &lexical, &report, Some(version))?;
+    Ok(report)
+}
+
+/// Fits the lexical model and chooses how it joins the transformer: the weight (steps of 0.05)
+/// and threshold maximising the mean validation F1, then the temperature that calibrates the
+/// joined log-odds. `transformer` holds the transformer's calibrated probabilities per set.
+fn fit_lexical(corpus: &Corpus, sources: &[String], validation: &[(&str, &[Example])], transformer: &[Vec<f32>], lc: &LexicalConfig) -> Result<(LexicalModel, LexicalReport), TrainError> {
+    let started = Instant::now();
+    let train: Vec<&Example> =
+        corpus.train.iter().filter(|(name, _)| sources.iter().any(|s| s == name)).flat_map(|(_, set)| set.iter()).collect();
+    let features: Vec<_> = train.iter().map(|e| lexical::term_counts(e.title.as_deref(), &e.text, lc.buckets)).collect();
+    let truth: Vec<bool> = train.iter().map(|e| e.deal).collect();
+    tracing::info!(examples = train.len(), buckets = lc.buckets, "fitting the lexical model");
+    let model = LexicalModel::fit(&features, &truth, lc.buckets, lc.deal_weight, lc.c);
+    let lexical_logits: Vec<Vec<f32>> =
+        validation.iter().map(|(_, set)| set.iter().map(|e| model.logit(e.title.as_deref(), &e.text)).collect()).collect();
+    let truths: Vec<Vec<bool>> = validation.iter().map(|(_, set)| set.iter().map(|e| e.deal).collect()).collect();
+    let joined = |how: &LexicalMeta| -> Vec<Vec<f32>> {
+        transformer.iter().zip(&lexical_logits).map(|(t, l)| t.iter().zip(l).map(|(&p, &z)| crate::engine::combine(p, z, how)).collect()).collect()
+    };
+    let mean_f1 = |probs: &[Vec<f32>]| {
+        let sets: Vec<(&[f32], &[bool])> = probs.iter().zip(&truths).map(|(p, y)| (p.as_slice(), y.as_slice())).collect();
+        best_threshold(&sets)
+    };
+    let weights_tried: Vec<(f64, f64)> = (0..=16)
+        .map(|k| k as f64 * 0.05)
+        .map(|weight| (weight, mean_f1(&joined(&LexicalMeta { weight, temperature: 1.0 })).1))
+        .collect();
+    let weight = weights_tried.iter().fold((0.0, -1.0), |best, &cur| if cur.1 > best.1 { cur } else { best }).0;
+    // Calibrate the joined log-odds: as a two-class logit pair [0, z], softmax is sigmoid(z).
+    let raw = joined(&LexicalMeta { weight, temperature: 1.0 });
+    let pairs: Vec<Vec<f32>> = raw.iter().flatten().map(|&p| vec![0.0, logit(p)]).collect();
+    let temperature = fit_temperature(&pairs, &truths.concat(), 1);
+    let how = LexicalMeta { weight, temperature };
+    let probs = joined(&how);
+    let (threshold, _) = mean_f1(&probs);
+    let report_of = |probs: &[Vec<f32>], threshold: f32| -> Vec<SetReport> {
+        validation.iter().zip(probs).zip(&truths).map(|(((name, _), p), y)| set_report(name, p, y, threshold)).collect()
+    };
+    let alone: Vec<Vec<f32>> = lexical_logits.iter().map(|l| l.iter().map(|&z| 1.0 / (1.0 + (-z).exp())).collect()).collect();
+    let report = LexicalReport {
+        config: lc.clone(),
+        train_examples: train.len(),
+        seconds: started.elapsed().as_secs_f64(),
+        weight,
+        temperature,
+        threshold,
+        weights_tried,
+        lexical_alone: report_of(&alone, 0.5),
+        validation: report_of(&probs, threshold),
+    };
+    tracing::info!(weight, temperature, threshold, "lexical model joined on validation");
+    Ok((model, report))
+}
+
+fn logit(p: f32) -> f32 {
+    let p = p.clamp(1e-7, 1.0 - 1e-7);
+    (p / (1.0 - p)).ln()
+}
+
+/// Writes the lexical model, records how it joins (and the threshold, and `version` if given) in
+/// `config.json`, and writes the stage's report.
+fn write_lexical(dir: &Path, model: &LexicalModel, report: &LexicalReport, version: Option<&str>) -> Result<(), TrainError> {
+    model.save(&dir.join(lexical::FILE))?;
+    let path = dir.join("config.json");
+    let mut config = read_base_config(dir)?;
+    let meta = config
+        .get_mut("dealsift")
+        .and_then(|m| m.as_object_mut())
+        .ok_or_else(|| TrainError::Invalid(format!("{}: no \"dealsift\" section", path.display())))?;
+    meta.insert("lexical".into(), serde_json::json!({ "weight": report.weight, "temperature": report.temperature }));
+    meta.insert("threshold".into(), serde_json::json!(report.threshold));
+    if let Some(version) = version {
+        meta.insert("version".into(), serde_json::json!(version));
+    }
+    write_json(&path, &config)?;
+    write_json(&dir.join("lexical_report.json"), &serde_json::to_value(report).map_err(|e| TrainError::Invalid(e.to_string()))?)
 }
 
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), TrainError> {

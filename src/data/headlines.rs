@@ -3,10 +3,11 @@
 //! send, which no shared pool has. Their texts are the project's own, so unlike the pools
 //! they live in the repository. Two files, split by the years of the events:
 //! - `headlines-2024-2026.jsonl`, the headlines test set: read twice each; evaluation only.
-//! - `headlines-2015-2023.jsonl` and `headlines-2012-2023-r2.jsonl`, two rounds of training
-//!   headlines of older events (so no test event is trained on): read once each beside the
-//!   writer's own label; a validation share is carved out by the hash of each headline's group
-//!   (headlines of both rounds sharing 40% of their words), so near-identical wordings of one
+//! - `headlines-2015-2023.jsonl`, `headlines-2012-2023-r2.jsonl` and `headlines-2012-2023-r3.jsonl`,
+//!   three rounds of training items of older events (so no test event is trained on; round 3
+//!   writes in the pools' styles: portal sentences, tweets, aggregator headlines): read once each
+//!   beside the writer's own label; a validation share is carved out by the hash of each item's
+//!   group (items of all rounds sharing 40% of their words), so near-identical wordings of one
 //!   event never sit on both sides.
 
 use std::path::{Path, PathBuf};
@@ -39,9 +40,9 @@ pub fn default_path() -> PathBuf {
     super::modern::default_labels_path().with_file_name("headlines-2024-2026.jsonl")
 }
 
-/// The training rounds' files; their groups were computed over both together.
-pub fn training_paths() -> [PathBuf; 2] {
-    ["headlines-2015-2023.jsonl", "headlines-2012-2023-r2.jsonl"].map(|name| default_path().with_file_name(name))
+/// The training rounds' files; their groups were computed over all of them together.
+pub fn training_paths() -> [PathBuf; 3] {
+    ["headlines-2015-2023.jsonl", "headlines-2012-2023-r2.jsonl", "headlines-2012-2023-r3.jsonl"].map(|name| default_path().with_file_name(name))
 }
 
 pub fn read_rows(path: &Path) -> Result<Vec<HeadlineRow>, DataError> {

@@ -53,6 +53,17 @@ pub struct ServingMeta {
     /// Window the model was trained for, special tokens included.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_sequence_length: Option<usize>,
+    /// How the whole-document lexical model (`lexical.safetensors`) joins the transformer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lexical: Option<LexicalMeta>,
+}
+
+/// The deal probability is sigmoid(((1 - weight) * z_transformer + weight * z_lexical) / temperature),
+/// with z_transformer the transformer's temperature-scaled deal log-odds; both fit on validation data.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LexicalMeta {
+    pub weight: f64,
+    pub temperature: f64,
 }
 
 fn default_act() -> String {
@@ -89,6 +100,17 @@ impl BertConfig {
         }
         self.labels()?;
         self.deal_index()?;
+        if let Some(l) = self.dealsift.lexical {
+            if !((0.0..=1.0).contains(&l.weight) && l.temperature.is_finite() && l.temperature > 0.0) {
+                return Err(ModelError::Invalid(format!(
+                    "dealsift.lexical needs a weight in [0, 1] and a temperature > 0, got {} and {}",
+                    l.weight, l.temperature
+                )));
+            }
+            if self.num_labels() != 2 {
+                return Err(ModelError::Invalid("dealsift.lexical needs a two-class (deal, non-deal) model".into()));
+            }
+        }
         Ok(())
     }
 

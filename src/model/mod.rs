@@ -2,7 +2,9 @@
 
 pub mod bert;
 pub mod config;
+pub mod lexical;
 mod ops;
 
 pub use bert::{BertClassifier, Kernels};
 pub use config::BertConfig;
+pub use lexical::LexicalModel;

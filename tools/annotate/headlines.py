@@ -10,6 +10,9 @@ Sets, told apart by their years:
   carves 20% of its groups of near-identical headlines out for validation.
 - training-r2 (headlines-2012-2023-r2.jsonl): a second round of training headlines, 2012-2023, by
   eight more writers (w-7..w-14), read the same way; its groups are formed together with round 1's.
+- training-r3 (headlines-2012-2023-r3.jsonl): a third round by six writers (w-15..w-20) in the
+  styles of the labelled pools (portal sentences, tweets, aggregator headlines), mostly contracts
+  and money for companies, read the same way and grouped with the other rounds.
 
 Why: every labelled pool in ../shared is editor-written summaries, tweets or 2014 headlines, while
 the model is judged on real 2024-2026 publisher headlines, funding rounds the most common. Writers
@@ -20,12 +23,14 @@ headline, whose writer's label is only compared; one per training headline, besi
 label. Unlike the pools, the texts are the project's own and live in the repository.
 
 Usage:
-  headlines.py prepare SET WRITER_DIR OUT_DIR   writer-*.jsonl -> items.jsonl + blind batches
+  headlines.py prepare SET WRITER_DIR OUT_DIR [CORPUS]  writer-*.jsonl -> items.jsonl + blind batches
   headlines.py apply SET OUT_DIR REPO_DATA_DIR  reads + adjudicated.jsonl -> REPO_DATA_DIR/<the set's file>
-SET is test, training or training-r2 (which extends training: prepare it after training is applied).
+SET is test, training, training-r2 or training-r3 (each round extends the earlier ones: prepare
+it after they are applied). training-r3 also needs CORPUS, a `dealsift export-corpus` file, whose
+validation and test texts its items must not come within half their words of.
 Applying a training round regroups every training round in REPO_DATA_DIR together.
 """
-import json, random, re, sys
+import gzip, json, random, re, sys
 from collections import Counter
 from pathlib import Path
 
@@ -42,7 +47,11 @@ SETS = {
     # computed together with round 1's, whose file it rewrites (only the group fields change),
     # so no event straddles the split.
     "training-r2": dict(seed=20261129, batches=8, first_annotator=50, out_name="headlines-2012-2023-r2.jsonl",
-                        id_prefix="headline-r2-", reads=1, joins="training", late=("writer-9",)),
+                        id_prefix="headline-r2-", reads=1, joins=("training",), late=("writer-9",)),
+    # Round 3: portal sentences, tweets and aggregator headlines (the labelled pools' styles),
+    # mostly contracts and financing; it also stays away from the pools' validation and test texts.
+    "training-r3": dict(seed=20261130, batches=6, first_annotator=59, out_name="headlines-2012-2023-r3.jsonl",
+                        id_prefix="headline-r3-", reads=1, joins=("training", "training-r2"), avoid_pools=True),
 }
 
 
@@ -80,12 +89,19 @@ def event_groups(rows, threshold=0.4):
     return {r["id"]: rows[root(i)]["id"] for i, r in enumerate(rows)}
 
 
-def too_close_to_test(set_name):
+def too_close_to_test(set_name, corpus=None):
     """For the training set: a predicate that is true of a headline of the test years or one
-    sharing half its words (Jaccard) with a test headline, so no test event is trained on."""
+    sharing half its words (Jaccard) with a test headline, so no test event is trained on; with
+    `corpus` (a `dealsift export-corpus` file), also with any validation or test text of the
+    other sources, so the written items neither leak into nor flatter the model's choice."""
     if set_name == "test":
         return lambda x: False
     tests = [word_set(r["text"]) for r in jsonl(TEST_FILE)]
+    if corpus:
+        opener = gzip.open if str(corpus).endswith(".gz") else open
+        with opener(corpus, "rt", encoding="utf-8") as f:
+            held_out = [json.loads(line) for line in f]
+        tests += [word_set(r["text"]) for r in held_out if r["split"] != "train" and r["set"] != "headlines"]
 
     def close(x):
         words = word_set(x["text"])
@@ -94,10 +110,8 @@ def too_close_to_test(set_name):
 
 
 def joined_rows(spec):
-    """The final rows of the set this one extends (round 1 for round 2), or none."""
-    if "joins" not in spec:
-        return []
-    return jsonl(TEST_FILE.with_name(SETS[spec["joins"]]["out_name"]))
+    """The final rows of the sets this one extends (earlier training rounds), or none."""
+    return [r for name in spec.get("joins", ()) for r in jsonl(TEST_FILE.with_name(SETS[name]["out_name"]))]
 
 
 def other_rounds(set_name, repo_data):
@@ -134,11 +148,13 @@ def read_writers(paths, spec, seen, close):
     return items
 
 
-def prepare(set_name, writer_dir, out):
-    """Late writers (the spec's `late`, whose files came after the batches went out) are
+def prepare(set_name, writer_dir, out, corpus=None):
+    """`corpus` (the spec's `avoid_pools`) is a `dealsift export-corpus` file. Late writers (the spec's `late`, whose files came after the batches went out) are
     numbered after the others and read in one extra batch, leaving the others' ids unchanged."""
     spec = SETS[set_name]
-    close, late = too_close_to_test(set_name), spec.get("late", ())
+    if spec.get("avoid_pools") and not corpus:
+        sys.exit(f"{set_name} needs a `dealsift export-corpus` file to stay away from the pools' held-out texts")
+    close, late = too_close_to_test(set_name, corpus), spec.get("late", ())
     seen = {normalised(r["text"]) for r in joined_rows(spec)}
     paths = sorted(Path(writer_dir).glob("writer-*.jsonl"))
     items = read_writers([p for p in paths if p.stem not in late], spec, seen, close)

@@ -263,7 +263,7 @@ def load_corpus(data_dir, labels_paths):
             out.append((name, kept))
         return out
 
-    h_all = [e for name in ("headlines-2015-2023.jsonl", "headlines-2012-2023-r2.jsonl")  # headlines::training_paths
+    h_all = [e for name in ("headlines-2015-2023.jsonl", "headlines-2012-2023-r2.jsonl", "headlines-2012-2023-r3.jsonl")  # headlines::training_paths
              for e in load_headlines(os.path.join(REPO, "data", name))]
     h_val = [e for e in h_all if in_validation(e["group"], HEADLINES_VALIDATION_PERMILLE)]
     h_train = [e for e in h_all if not in_validation(e["group"], HEADLINES_VALIDATION_PERMILLE)]
