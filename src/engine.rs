@@ -59,7 +59,13 @@ impl ModelDir {
         }
         let threshold = meta.threshold.unwrap_or(0.5) as f32;
         let lexical = match meta.lexical {
-            Some(how) => Some((Arc::new(LexicalModel::load(&path.join(lexical::FILE))?), how)),
+            Some(how) => {
+                let file = path.join(lexical::FILE);
+                if !file.is_file() {
+                    return Err(ModelError::Invalid(format!("config.json sets dealsift.lexical but {} is missing", file.display())));
+                }
+                Some((Arc::new(LexicalModel::load(&file)?), how))
+            }
             None => None,
         };
         Ok(Self {

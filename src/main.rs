@@ -218,9 +218,10 @@ struct TrainArgs {
     /// Hash buckets of the lexical model's words and word pairs.
     #[arg(long, default_value_t = dealsift::model::lexical::DEFAULT_BUCKETS)]
     lexical_buckets: usize,
-    /// Train the transformer only, without the lexical model.
-    #[arg(long, conflicts_with = "lexical_only")]
-    no_lexical: bool,
+    /// Also fit the whole-document lexical model and join it to the transformer (off by
+    /// default: it misreads modern article prose; see the model card's "The lexical stage").
+    #[arg(long)]
+    lexical: bool,
     /// Keep the transformer already in --out and fit only the lexical model and how it joins
     /// (minutes instead of an hour); --version names the result.
     #[arg(long)]
@@ -633,7 +634,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         per_source_limit: args.limits,
         frozen_layers: args.frozen_layers,
         max_steps: args.max_steps,
-        lexical: (!args.no_lexical).then_some(lexical),
+        lexical: args.lexical.then_some(lexical),
     };
     let report = dealsift::train::train(config)?;
     println!("{}", serde_json::to_string_pretty(&report.validation)?);

@@ -574,7 +574,7 @@ fn fit_lexical(corpus: &Corpus, sources: &[String], validation: &[(&str, &[Examp
         best_threshold(&sets)
     };
     let weights_tried: Vec<(f64, f64)> = (0..=16)
-        .map(|k| k as f64 * 0.05)
+        .map(|k| k as f64 / 20.0)
         .map(|weight| (weight, mean_f1(&joined(&LexicalMeta { weight, temperature: 1.0 })).1))
         .collect();
     let weight = weights_tried.iter().fold((0.0, -1.0), |best, &cur| if cur.1 > best.1 { cur } else { best }).0;

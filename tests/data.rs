@@ -229,6 +229,37 @@ fn headlines_are_read_twice_and_disagreements_adjudicated() {
     check_headline_judgments(&data::headlines::default_path(), 400);
 }
 
+/// Round 3 was written in the pools' styles, so `headlines.py` also kept it away from the pools'
+/// held-out texts: none of its items shares half its words with a modern or twitter validation
+/// or test text (which would flatter the validation figures that choose a model, or leak a
+/// test event).
+#[test]
+fn round_3_items_are_kept_apart_from_the_pools_held_out_texts() {
+    let Some(dir) = data_dir() else { return };
+    let corpus = data::Corpus::load(&dir, &modern::default_label_paths()).unwrap();
+    let held_out: Vec<(&str, HashSet<String>)> = corpus
+        .validation
+        .iter()
+        .chain(&corpus.test)
+        .filter(|(name, _)| matches!(*name, "modern" | "twitter"))
+        .flat_map(|(_, set)| set.iter().map(|e| (e.id.as_str(), word_set(&e.text))))
+        .collect();
+    // An inverted index: only texts sharing a word with an item can be close to it.
+    let mut postings: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, (_, words)) in held_out.iter().enumerate() {
+        words.iter().for_each(|w| postings.entry(w.as_str()).or_default().push(i));
+    }
+    let rows = data::headlines::read_rows(&data::headlines::training_paths()[2]).unwrap();
+    for row in &rows {
+        let own = word_set(&row.text);
+        let mut shared: HashMap<usize, usize> = HashMap::new();
+        own.iter().flat_map(|w| postings.get(w.as_str()).into_iter().flatten()).for_each(|&i| *shared.entry(i).or_default() += 1);
+        if let Some((&i, _)) = shared.iter().find(|&(&i, &n)| 2 * n >= own.len() + held_out[i].1.len() - n) {
+            panic!("{} shares half its words with {}", row.id, held_out[i].0);
+        }
+    }
+}
+
 /// A headline's words as `tools/annotate/headlines.py` splits them (`\W+`, lower case), so the
 /// checks below apply the rules that tool applied.
 fn word_set(text: &str) -> HashSet<String> {
@@ -241,7 +272,7 @@ fn share_at_least(a: &HashSet<String>, b: &HashSet<String>, numerator: usize, de
     shared * denominator >= numerator * (a.len() + b.len() - shared)
 }
 
-/// Training headlines (both rounds): judged twice, of events before the test years, none
+/// Training headlines (all rounds): judged twice, of events before the test years, none
 /// sharing half its words with a test headline, and split into validation and training by
 /// event groups that span the rounds.
 #[test]
@@ -249,6 +280,7 @@ fn training_headlines_are_judged_twice_and_kept_apart_from_the_test_events() {
     let paths = data::headlines::training_paths();
     let mut rows = check_headline_judgments(&paths[0], 1000);
     rows.extend(check_headline_judgments(&paths[1], 1500));
+    rows.extend(check_headline_judgments(&paths[2], 1100));
     let tests: Vec<_> = data::headlines::read_rows(&data::headlines::default_path()).unwrap().iter().map(|r| word_set(&r.text)).collect();
     for row in &rows {
         assert!(row.month.as_str() < "2024", "{}: {} is a test year", row.id, row.month);

@@ -335,3 +335,44 @@ async fn load_generator_drives_the_server_closed_and_open_loop() {
     }
     server.stop().await.unwrap();
 }
+
+/// A model directory with a lexical stage (`dealsift.lexical` and `lexical.safetensors`) is
+/// served as configured: at weight 1 the deal probability is the lexical model's own,
+/// sigmoid(logit / temperature); without its weights file the directory is refused by name.
+#[tokio::test]
+async fn lexical_stage_is_served_as_configured() {
+    use dealsift::model::lexical::{term_counts, FILE};
+    use dealsift::model::LexicalModel;
+    let dir = std::env::temp_dir().join(format!("dealsift-lexical-stage-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(fixture_dir()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    let mut model_config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    model_config["dealsift"]["lexical"] = serde_json::json!({"weight": 1.0, "temperature": 2.0});
+    std::fs::write(dir.join("config.json"), model_config.to_string()).unwrap();
+    let missing = dealsift::engine::ModelDir::open(&dir, Some(128)).unwrap_err().to_string();
+    assert!(missing.contains(FILE), "{missing}");
+
+    let texts = [("Acme agrees to buy Widget Co", true), ("Acme profit rises", false), ("Bank to buy rival", true), ("Bank shares fall", false)];
+    let buckets = 1 << 10;
+    let docs: Vec<_> = texts.iter().map(|(t, _)| term_counts(None, t, buckets)).collect();
+    let lexical = LexicalModel::fit(&docs, &texts.map(|(_, y)| y), buckets, 1.0, 10.0);
+    lexical.save(&dir.join(FILE)).unwrap();
+    let model = dealsift::engine::ModelDir::open(&dir, Some(128)).unwrap();
+    let cpu = dealsift::backend::cpu::CpuBackend::load(&dir, &model.config, 8, model.window, Default::default()).unwrap();
+    let engine = dealsift::server::start_engine(model, vec![Box::new(cpu)], config().batcher, 8, Arc::new(|_| {})).unwrap();
+    let docs = texts.iter().map(|(t, _)| dealsift::engine::Doc { id: t.to_string(), title: None, text: t.to_string() }).collect();
+    let options = dealsift::engine::Options { threshold: 0.5, long_text: dealsift::tokenize::LongText::Truncate };
+    let results = engine.classify(docs, options, None, dealsift::engine::Admission::Wait).await.unwrap();
+    for ((text, deal), result) in texts.iter().zip(&results) {
+        let expected = 1.0 / (1.0 + (-lexical.logit(None, text) / 2.0).exp());
+        assert!((result.deal_probability - expected).abs() < 1e-5, "{text}: {} against {expected}", result.deal_probability);
+        assert_eq!(result.label == Label::Deal as i32, *deal, "{text}");
+        let total: f32 = result.scores.iter().map(|s| s.score).sum();
+        assert!((total - 1.0).abs() < 1e-5, "{text}: scores sum to {total}");
+    }
+    engine.shutdown();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
