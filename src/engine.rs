@@ -48,7 +48,10 @@ impl ModelDir {
             .fold(config.max_position_embeddings, usize::min);
         let version = match &meta.version {
             Some(v) => v.clone(),
-            None => weights_digest(&path.join("model.safetensors"))?,
+            None => {
+                let lexical_file = meta.lexical.map(|_| path.join(lexical::FILE));
+                weights_digest(std::iter::once(path.join("model.safetensors")).chain(lexical_file))?
+            }
         };
         let model_id = meta.model_id.clone().unwrap_or_else(|| {
             path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
@@ -57,17 +60,28 @@ impl ModelDir {
         if !(temperature.is_finite() && temperature > 0.0) {
             return Err(ModelError::Invalid(format!("dealsift.temperature must be > 0, got {temperature}")));
         }
-        let threshold = meta.threshold.unwrap_or(0.5) as f32;
+        let file = path.join(lexical::FILE);
         let lexical = match meta.lexical {
             Some(how) => {
-                let file = path.join(lexical::FILE);
                 if !file.is_file() {
-                    return Err(ModelError::Invalid(format!("config.json sets dealsift.lexical but {} is missing", file.display())));
+                    return Err(ModelError::Invalid(format!(
+                        "config.json sets dealsift.lexical but {} is missing: restore it, or remove dealsift.lexical to serve the transformer alone",
+                        file.display()
+                    )));
                 }
                 Some((Arc::new(LexicalModel::load(&file)?), how))
             }
-            None => None,
+            None => {
+                if file.is_file() {
+                    tracing::warn!(file = %file.display(), "ignored: config.json has no dealsift.lexical section");
+                }
+                None
+            }
         };
+        let threshold = match &lexical {
+            Some((_, how)) => how.threshold,
+            None => meta.threshold.unwrap_or(0.5),
+        } as f32;
         Ok(Self {
             path: path.to_path_buf(),
             labels: config.labels()?,
@@ -83,11 +97,13 @@ impl ModelDir {
     }
 }
 
-/// First 12 hex digits of the weights' SHA-256: identifies an unversioned model.
-fn weights_digest(path: &Path) -> Result<String, ModelError> {
-    let mut file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+/// First 12 hex digits of the SHA-256 of the weights files: identifies an unversioned model.
+fn weights_digest(paths: impl IntoIterator<Item = PathBuf>) -> Result<String, ModelError> {
     let mut hasher = Sha256::new();
-    std::io::copy(&mut file, &mut hasher).map_err(|e| ModelError::io(path, e))?;
+    for path in paths {
+        let mut file = std::fs::File::open(&path).map_err(|e| ModelError::io(&path, e))?;
+        std::io::copy(&mut file, &mut hasher).map_err(|e| ModelError::io(&path, e))?;
+    }
     Ok(hasher.finalize().iter().take(6).map(|b| format!("{b:02x}")).collect())
 }
 
@@ -257,9 +273,14 @@ impl Engine {
 
 /// The deal probability from the transformer's calibrated probability and the lexical logit.
 pub fn combine(transformer_probability: f32, lexical_logit: f32, how: &LexicalMeta) -> f32 {
-    let p = (transformer_probability as f64).clamp(1e-7, 1.0 - 1e-7);
-    let z = ((1.0 - how.weight) * (p / (1.0 - p)).ln() + how.weight * lexical_logit as f64) / how.temperature;
+    let z = ((1.0 - how.weight) * log_odds(transformer_probability) + how.weight * lexical_logit as f64) / how.temperature;
     (1.0 / (1.0 + (-z).exp())) as f32
+}
+
+/// ln(p / (1 - p)), with p kept off 0 and 1.
+pub fn log_odds(p: f32) -> f64 {
+    let p = (p as f64).clamp(1e-7, 1.0 - 1e-7);
+    (p / (1.0 - p)).ln()
 }
 
 /// Softmax of `logits / temperature`, computed in f64 for stability.

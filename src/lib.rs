@@ -11,6 +11,7 @@ pub mod data;
 pub mod engine;
 pub mod error;
 pub mod eval;
+pub mod fnv;
 pub mod metrics;
 pub mod model;
 pub mod proto;

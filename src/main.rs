@@ -223,8 +223,9 @@ struct TrainArgs {
     #[arg(long)]
     lexical: bool,
     /// Keep the transformer already in --out and fit only the lexical model and how it joins
-    /// (minutes instead of an hour); --version names the result.
-    #[arg(long)]
+    /// (minutes instead of an hour); --version names the result. Rewrites --out's config.json,
+    /// so --out must be given (a copy of a model, not the shipped one by accident).
+    #[arg(long, conflicts_with = "lexical")]
     lexical_only: bool,
 }
 
@@ -605,6 +606,10 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     let lexical = dealsift::train::LexicalConfig { c: args.lexical_c, buckets: args.lexical_buckets, deal_weight: args.deal_weight };
     let data_dir = args.data_dir.unwrap_or_else(dealsift::data::default_data_dir);
     if args.lexical_only {
+        anyhow::ensure!(
+            args.out != std::path::Path::new(DEFAULT_MODEL_DIR),
+            "--lexical-only rewrites the model directory's config.json: copy the model and pass the copy as --out"
+        );
         let report = dealsift::train::add_lexical(&args.out, &data_dir, &label_files(args.labels), &args.sources, &lexical, &args.version)?;
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
@@ -700,8 +705,9 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
         let corpus = dealsift::data::Corpus::load(&data_dir, &labels)?;
         let mut reports = Vec::new();
         let mut predictions = match &args.predictions {
-            Some(path) => Some(std::io::BufWriter::new(
-                std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
+            Some(path) => Some((
+                std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?),
+                path,
             )),
             None => None,
         };
@@ -712,11 +718,11 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
             }
             let started = std::time::Instant::now();
             let probs = scorer.score(set, args.long_text.into()).await?;
-            if let Some(out) = predictions.as_mut() {
+            if let Some((out, path)) = predictions.as_mut() {
                 for (example, p) in set.iter().zip(&probs) {
                     let row = serde_json::json!({"set": name, "id": example.id, "deal": example.deal,
                                                  "subtype": example.subtype, "deal_probability": p});
-                    writeln!(out, "{row}")?;
+                    writeln!(out, "{row}").with_context(|| format!("cannot write {}", path.display()))?;
                 }
             }
             let report = dealsift::eval::evaluate(name, set, &probs, threshold, args.worst);
@@ -724,8 +730,8 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
             println!("   ({:.1}s)", started.elapsed().as_secs_f64());
             reports.push(report);
         }
-        if let Some(mut out) = predictions {
-            out.flush()?;
+        if let Some((mut out, path)) = predictions {
+            out.flush().with_context(|| format!("cannot write {}", path.display()))?;
         }
         if let Some(path) = &args.json {
             std::fs::write(path, serde_json::to_string_pretty(&reports)?)?;

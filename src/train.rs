@@ -119,6 +119,7 @@ pub struct TrainReport {
 pub struct LexicalReport {
     pub config: LexicalConfig,
     pub train_examples: usize,
+    pub fit: lexical::FitStats,
     pub seconds: f64,
     /// The transformer's share of the combined log-odds is 1 - weight.
     pub weight: f64,
@@ -144,11 +145,7 @@ pub fn train(cfg: TrainConfig) -> Result<TrainReport, TrainError> {
 
     tracing::info!(data = %cfg.data_dir.display(), "loading data");
     let corpus = Corpus::load(&cfg.data_dir, &cfg.labels)?;
-    let known: Vec<&str> = corpus.train.iter().map(|(name, _)| *name).collect();
-    let mut named = cfg.sources.iter().chain(cfg.per_source_limit.iter().map(|(name, _)| name));
-    if let Some(unknown) = named.find(|name| !known.contains(&name.as_str())) {
-        return Err(TrainError::Invalid(format!("unknown training source {unknown:?}; the sources are {}", known.join(", "))));
-    }
+    check_sources(&corpus, cfg.sources.iter().chain(cfg.per_source_limit.iter().map(|(name, _)| name)))?;
     let mut train_items = Vec::new();
     let mut train_counts = Vec::new();
     for (name, set) in corpus.train.iter().filter(|(name, _)| cfg.sources.iter().any(|s| s == name)) {
@@ -507,6 +504,13 @@ fn save(cfg: &TrainConfig, varmap: &VarMap, mut config_json: serde_json::Value, 
         );
     }
     write_json(&cfg.out_dir.join("config.json"), &config_json)?;
+    // A lexical stage fit to an earlier transformer in this directory no longer applies.
+    for stale in [lexical::FILE, "lexical_report.json"] {
+        let path = cfg.out_dir.join(stale);
+        if path.is_file() {
+            std::fs::remove_file(&path).map_err(io(&path))?;
+        }
+    }
     for file in TOKENIZER_FILES {
         let from = cfg.base_model.join(file);
         if from.is_file() {
@@ -527,6 +531,14 @@ fn save(cfg: &TrainConfig, varmap: &VarMap, mut config_json: serde_json::Value, 
     write_json(&cfg.out_dir.join("training_report.json"), &serde_json::to_value(report).map_err(|e| TrainError::Invalid(e.to_string()))?)
 }
 
+fn check_sources<'a>(corpus: &Corpus, mut named: impl Iterator<Item = &'a String>) -> Result<(), TrainError> {
+    let known: Vec<&str> = corpus.train.iter().map(|(name, _)| *name).collect();
+    match named.find(|name| !known.contains(&name.as_str())) {
+        Some(unknown) => Err(TrainError::Invalid(format!("unknown training source {unknown:?}; the sources are {}", known.join(", ")))),
+        None => Ok(()),
+    }
+}
+
 /// The lexical stage on its own, for a model directory trained earlier (its transformer, its
 /// temperature): fits the lexical model on `sources`' training texts, chooses the weight and the
 /// threshold on the validation sets, and writes `lexical.safetensors`, `config.json` (with
@@ -539,6 +551,7 @@ pub fn add_lexical(model_dir: &Path, data_dir: &Path, labels: &[PathBuf], source
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, &Device::Cpu)? };
     let model = BertClassifier::load(vb, &dir.config)?;
     let corpus = Corpus::load(data_dir, labels)?;
+    check_sources(&corpus, sources.iter())?;
     let examples: Vec<(&str, &[Example])> = corpus.validation_for(sources).map(|(n, s)| (*n, s.as_slice())).collect();
     let validation: Vec<(&str, Vec<Item>)> =
         examples.iter().map(|(name, set)| Ok((*name, tokenize(&encoder, set.iter())?))).collect::<Result<_, TrainError>>()?;
@@ -552,9 +565,10 @@ pub fn add_lexical(model_dir: &Path, data_dir: &Path, labels: &[PathBuf], source
     Ok(report)
 }
 
-/// Fits the lexical model and chooses how it joins the transformer: the weight (steps of 0.05)
-/// and threshold maximising the mean validation F1, then the temperature that calibrates the
-/// joined log-odds. `transformer` holds the transformer's calibrated probabilities per set.
+/// Fits the lexical model and chooses how it joins the transformer: the weight (0 to 1 in steps
+/// of 0.05) maximising the mean validation F1 at its best threshold, then the temperature that
+/// calibrates the joined log-odds, then the threshold again on the calibrated probabilities.
+/// `transformer` holds the transformer's calibrated first-window probabilities per set.
 fn fit_lexical(corpus: &Corpus, sources: &[String], validation: &[(&str, &[Example])], transformer: &[Vec<f32>], lc: &LexicalConfig) -> Result<(LexicalModel, LexicalReport), TrainError> {
     let started = Instant::now();
     let train: Vec<&Example> =
@@ -562,29 +576,28 @@ fn fit_lexical(corpus: &Corpus, sources: &[String], validation: &[(&str, &[Examp
     let features: Vec<_> = train.iter().map(|e| lexical::term_counts(e.title.as_deref(), &e.text, lc.buckets)).collect();
     let truth: Vec<bool> = train.iter().map(|e| e.deal).collect();
     tracing::info!(examples = train.len(), buckets = lc.buckets, "fitting the lexical model");
-    let model = LexicalModel::fit(&features, &truth, lc.buckets, lc.deal_weight, lc.c);
+    let (model, fit) = LexicalModel::fit(&features, &truth, lc.buckets, lc.deal_weight, lc.c)?;
     let lexical_logits: Vec<Vec<f32>> =
         validation.iter().map(|(_, set)| set.iter().map(|e| model.logit(e.title.as_deref(), &e.text)).collect()).collect();
     let truths: Vec<Vec<bool>> = validation.iter().map(|(_, set)| set.iter().map(|e| e.deal).collect()).collect();
     let joined = |how: &LexicalMeta| -> Vec<Vec<f32>> {
         transformer.iter().zip(&lexical_logits).map(|(t, l)| t.iter().zip(l).map(|(&p, &z)| crate::engine::combine(p, z, how)).collect()).collect()
     };
-    let mean_f1 = |probs: &[Vec<f32>]| {
+    // (threshold, mean F1) at the threshold maximising the mean F1 over the sets.
+    let best_mean_f1 = |probs: &[Vec<f32>]| {
         let sets: Vec<(&[f32], &[bool])> = probs.iter().zip(&truths).map(|(p, y)| (p.as_slice(), y.as_slice())).collect();
         best_threshold(&sets)
     };
-    let weights_tried: Vec<(f64, f64)> = (0..=16)
-        .map(|k| k as f64 / 20.0)
-        .map(|weight| (weight, mean_f1(&joined(&LexicalMeta { weight, temperature: 1.0 })).1))
-        .collect();
+    let uncalibrated = |weight| LexicalMeta { weight, temperature: 1.0, threshold: 0.5 };
+    let weights_tried: Vec<(f64, f64)> =
+        (0..=20).map(|k| k as f64 / 20.0).map(|weight| (weight, best_mean_f1(&joined(&uncalibrated(weight))).1)).collect();
     let weight = weights_tried.iter().fold((0.0, -1.0), |best, &cur| if cur.1 > best.1 { cur } else { best }).0;
     // Calibrate the joined log-odds: as a two-class logit pair [0, z], softmax is sigmoid(z).
-    let raw = joined(&LexicalMeta { weight, temperature: 1.0 });
-    let pairs: Vec<Vec<f32>> = raw.iter().flatten().map(|&p| vec![0.0, logit(p)]).collect();
+    let raw = joined(&uncalibrated(weight));
+    let pairs: Vec<Vec<f32>> = raw.iter().flatten().map(|&p| vec![0.0, crate::engine::log_odds(p) as f32]).collect();
     let temperature = fit_temperature(&pairs, &truths.concat(), 1);
-    let how = LexicalMeta { weight, temperature };
-    let probs = joined(&how);
-    let (threshold, _) = mean_f1(&probs);
+    let probs = joined(&LexicalMeta { weight, temperature, threshold: 0.5 });
+    let (threshold, _) = best_mean_f1(&probs);
     let report_of = |probs: &[Vec<f32>], threshold: f32| -> Vec<SetReport> {
         validation.iter().zip(probs).zip(&truths).map(|(((name, _), p), y)| set_report(name, p, y, threshold)).collect()
     };
@@ -592,6 +605,7 @@ fn fit_lexical(corpus: &Corpus, sources: &[String], validation: &[(&str, &[Examp
     let report = LexicalReport {
         config: lc.clone(),
         train_examples: train.len(),
+        fit,
         seconds: started.elapsed().as_secs_f64(),
         weight,
         temperature,
@@ -604,13 +618,8 @@ fn fit_lexical(corpus: &Corpus, sources: &[String], validation: &[(&str, &[Examp
     Ok((model, report))
 }
 
-fn logit(p: f32) -> f32 {
-    let p = p.clamp(1e-7, 1.0 - 1e-7);
-    (p / (1.0 - p)).ln()
-}
-
-/// Writes the lexical model, records how it joins (and the threshold, and `version` if given) in
-/// `config.json`, and writes the stage's report.
+/// Writes the lexical model, records how it joins (weight, temperature, threshold; and `version`
+/// if given) in `config.json`, and writes the stage's report.
 fn write_lexical(dir: &Path, model: &LexicalModel, report: &LexicalReport, version: Option<&str>) -> Result<(), TrainError> {
     model.save(&dir.join(lexical::FILE))?;
     let path = dir.join("config.json");
@@ -619,8 +628,10 @@ fn write_lexical(dir: &Path, model: &LexicalModel, report: &LexicalReport, versi
         .get_mut("dealsift")
         .and_then(|m| m.as_object_mut())
         .ok_or_else(|| TrainError::Invalid(format!("{}: no \"dealsift\" section", path.display())))?;
-    meta.insert("lexical".into(), serde_json::json!({ "weight": report.weight, "temperature": report.temperature }));
-    meta.insert("threshold".into(), serde_json::json!(report.threshold));
+    meta.insert(
+        "lexical".into(),
+        serde_json::json!({ "weight": report.weight, "temperature": report.temperature, "threshold": report.threshold }),
+    );
     if let Some(version) = version {
         meta.insert("version".into(), serde_json::json!(version));
     }

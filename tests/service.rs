@@ -337,42 +337,55 @@ async fn load_generator_drives_the_server_closed_and_open_loop() {
 }
 
 /// A model directory with a lexical stage (`dealsift.lexical` and `lexical.safetensors`) is
-/// served as configured: at weight 1 the deal probability is the lexical model's own,
-/// sigmoid(logit / temperature); without its weights file the directory is refused by name.
+/// served as configured: each probability is `engine::combine` of the transformer's own (from
+/// the same directory without the stage) and the lexical logit, and the stage's threshold
+/// decides the label; without its weights file the directory is refused by name.
 #[tokio::test]
 async fn lexical_stage_is_served_as_configured() {
+    use dealsift::engine::{combine, Admission, Doc, ModelDir, Options};
+    use dealsift::model::config::LexicalMeta;
     use dealsift::model::lexical::{term_counts, FILE};
     use dealsift::model::LexicalModel;
+    use dealsift::tokenize::LongText;
+    let texts = ["Acme agrees to buy Widget Co", "Acme profit rises", "Bank to buy rival", "Bank profit falls"];
+    let score = |dir: std::path::PathBuf| async move {
+        let model = ModelDir::open(&dir, Some(128)).unwrap();
+        let threshold = model.threshold;
+        let cpu = dealsift::backend::cpu::CpuBackend::load(&dir, &model.config, 8, model.window, Default::default()).unwrap();
+        let engine = dealsift::server::start_engine(model, vec![Box::new(cpu)], config().batcher, 8, Arc::new(|_| {})).unwrap();
+        let docs = texts.iter().map(|t| Doc { id: t.to_string(), title: None, text: t.to_string() }).collect();
+        let options = Options { threshold, long_text: LongText::Truncate };
+        let results = engine.classify(docs, options, None, Admission::Wait).await.unwrap();
+        engine.shutdown();
+        (results, threshold)
+    };
+    let (alone, _) = score(fixture_dir()).await;
+
     let dir = std::env::temp_dir().join(format!("dealsift-lexical-stage-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     for entry in std::fs::read_dir(fixture_dir()).unwrap() {
         let entry = entry.unwrap();
         std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
     }
+    let how = LexicalMeta { weight: 0.5, temperature: 2.0, threshold: 0.4 };
     let mut model_config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    model_config["dealsift"]["lexical"] = serde_json::json!({"weight": 1.0, "temperature": 2.0});
+    model_config["dealsift"]["lexical"] = serde_json::to_value(how).unwrap();
     std::fs::write(dir.join("config.json"), model_config.to_string()).unwrap();
-    let missing = dealsift::engine::ModelDir::open(&dir, Some(128)).unwrap_err().to_string();
-    assert!(missing.contains(FILE), "{missing}");
+    let missing = ModelDir::open(&dir, Some(128)).unwrap_err().to_string();
+    assert!(missing.contains(FILE) && missing.contains("remove dealsift.lexical"), "{missing}");
 
-    let texts = [("Acme agrees to buy Widget Co", true), ("Acme profit rises", false), ("Bank to buy rival", true), ("Bank shares fall", false)];
     let buckets = 1 << 10;
-    let docs: Vec<_> = texts.iter().map(|(t, _)| term_counts(None, t, buckets)).collect();
-    let lexical = LexicalModel::fit(&docs, &texts.map(|(_, y)| y), buckets, 1.0, 10.0);
+    let docs: Vec<_> = texts.iter().map(|t| term_counts(None, t, buckets)).collect();
+    let (lexical, _) = LexicalModel::fit(&docs, &[true, false, true, false], buckets, 1.0, 10.0).unwrap();
     lexical.save(&dir.join(FILE)).unwrap();
-    let model = dealsift::engine::ModelDir::open(&dir, Some(128)).unwrap();
-    let cpu = dealsift::backend::cpu::CpuBackend::load(&dir, &model.config, 8, model.window, Default::default()).unwrap();
-    let engine = dealsift::server::start_engine(model, vec![Box::new(cpu)], config().batcher, 8, Arc::new(|_| {})).unwrap();
-    let docs = texts.iter().map(|(t, _)| dealsift::engine::Doc { id: t.to_string(), title: None, text: t.to_string() }).collect();
-    let options = dealsift::engine::Options { threshold: 0.5, long_text: dealsift::tokenize::LongText::Truncate };
-    let results = engine.classify(docs, options, None, dealsift::engine::Admission::Wait).await.unwrap();
-    for ((text, deal), result) in texts.iter().zip(&results) {
-        let expected = 1.0 / (1.0 + (-lexical.logit(None, text) / 2.0).exp());
-        assert!((result.deal_probability - expected).abs() < 1e-5, "{text}: {} against {expected}", result.deal_probability);
-        assert_eq!(result.label == Label::Deal as i32, *deal, "{text}");
-        let total: f32 = result.scores.iter().map(|s| s.score).sum();
+    let (joined, threshold) = score(dir.clone()).await;
+    assert_eq!(threshold, 0.4, "the stage's threshold is the default");
+    for ((text, alone), joined) in texts.iter().zip(&alone).zip(&joined) {
+        let expected = combine(alone.deal_probability, lexical.logit(None, text), &how);
+        assert!((joined.deal_probability - expected).abs() < 1e-5, "{text}: {} against {expected}", joined.deal_probability);
+        assert_eq!(joined.label == Label::Deal as i32, joined.deal_probability >= 0.4, "{text}");
+        let total: f32 = joined.scores.iter().map(|s| s.score).sum();
         assert!((total - 1.0).abs() < 1e-5, "{text}: scores sum to {total}");
     }
-    engine.shutdown();
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use super::{fnv1a, DataError, Example};
+use super::{DataError, Example};
 
 /// Where the records live under the shared data directory.
 pub const FILE: &str = "indian-startup-funding/startup_funding.jsonl";
@@ -181,7 +181,7 @@ pub fn load(data_dir: &Path) -> Result<Vec<Example>, DataError> {
     let facts: Vec<(&str, Facts)> = records.iter().filter_map(|r| Some((r.id.as_str(), Facts::of(r)?))).collect();
     let mut out = Vec::with_capacity(2 * facts.len());
     for (i, (id, f)) in facts.iter().enumerate() {
-        let pick = fnv1a(id);
+        let pick = crate::fnv::hash(id);
         // Another company for the non-deal templates that name two.
         let other = &facts[(i + 1 + (pick as usize % 97)) % facts.len()].1;
         let example = |suffix: &str, text: String, deal: bool| Example {

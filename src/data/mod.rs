@@ -57,12 +57,7 @@ impl DataError {
 /// Deterministic validation carve-out: `permille` of ids, chosen by a hash of the id alone,
 /// so the split never depends on file order or on which other items exist.
 pub fn in_validation(id: &str, permille: u64) -> bool {
-    fnv1a(id) % 1000 < permille
-}
-
-/// 64-bit FNV-1a of an id: stable across platforms and Rust versions, unlike `DefaultHasher`.
-pub fn fnv1a(id: &str) -> u64 {
-    id.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+    crate::fnv::hash(id) % 1000 < permille
 }
 
 /// The records of a JSON Lines file, one per line; a line that does not parse is an error

@@ -59,11 +59,15 @@ pub struct ServingMeta {
 }
 
 /// The deal probability is sigmoid(((1 - weight) * z_transformer + weight * z_lexical) / temperature),
-/// with z_transformer the transformer's temperature-scaled deal log-odds; both fit on validation data.
+/// with z_transformer the transformer's temperature-scaled deal log-odds (of its first window, or
+/// of the windows' aggregate when chunking; the join is fit on first windows); all three numbers
+/// fit on validation data. The joined probability has its own default threshold, so
+/// `dealsift.threshold` stays the transformer's (what a server without this stage applies).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct LexicalMeta {
     pub weight: f64,
     pub temperature: f64,
+    pub threshold: f64,
 }
 
 fn default_act() -> String {
@@ -101,10 +105,10 @@ impl BertConfig {
         self.labels()?;
         self.deal_index()?;
         if let Some(l) = self.dealsift.lexical {
-            if !((0.0..=1.0).contains(&l.weight) && l.temperature.is_finite() && l.temperature > 0.0) {
+            if !((0.0..=1.0).contains(&l.weight) && l.temperature.is_finite() && l.temperature > 0.0 && (0.0..=1.0).contains(&l.threshold)) {
                 return Err(ModelError::Invalid(format!(
-                    "dealsift.lexical needs a weight in [0, 1] and a temperature > 0, got {} and {}",
-                    l.weight, l.temperature
+                    "dealsift.lexical needs a weight and a threshold in [0, 1] and a temperature > 0, got {}, {} and {}",
+                    l.weight, l.threshold, l.temperature
                 )));
             }
             if self.num_labels() != 2 {

@@ -1,12 +1,14 @@
 //! A bag-of-words logistic regression that reads the whole document, combined with the
-//! transformer's calibrated logit.
+//! transformer's calibrated logit (opt-in: `dealsift train --lexical`).
 //!
-//! Why: the transformer reads the first window only (128 tokens), so a newswire story whose lead
-//! is about something else hides its deal; and a linear model over words and word pairs is
-//! strong where deal vocabulary is decisive and cheap (microseconds per document). Features are
-//! hashed unigrams and bigrams of lower-cased words (runs of letters and digits, two characters
-//! or more), weighted 1 + ln(tf) times a smoothed IDF, L2-normalised. The same code computes
-//! them at training and serving time, so nothing but the weights is stored.
+//! Why: by default the transformer reads the first window only (128 tokens), so a newswire story
+//! whose lead is about something else hides its deal; and a linear model over words and word
+//! pairs is strong where deal vocabulary is decisive, and cheap (microseconds per document).
+//! Features are hashed unigrams and bigrams of lower-cased words (runs of Unicode letters and
+//! digits, two characters or more), weighted 1 + ln(tf) times a smoothed IDF and L2-normalised;
+//! buckets seen in fewer than two training documents get IDF 0, so words the model has no
+//! weight for do not dilute the ones it has (at serving time as in training). The same code
+//! computes the features when training and serving; the weights, IDFs and bias are stored.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -14,6 +16,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 
 use crate::error::ModelError;
+use crate::fnv;
 
 /// File name inside a model directory.
 pub const FILE: &str = "lexical.safetensors";
@@ -31,15 +34,17 @@ pub struct LexicalModel {
     bias: f32,
 }
 
-/// FNV-1a, 64 bits: stable across platforms and releases (unlike `std`'s hasher).
-fn fnv1a(bytes: impl IntoIterator<Item = u8>, mut hash: u64) -> u64 {
-    for b in bytes {
-        hash ^= b as u64;
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    hash
+/// Buckets in fewer training documents than this get IDF 0 (scikit-learn's `min_df`).
+const MIN_DOCUMENT_FREQUENCY: u32 = 2;
+
+/// How the fit ended, for the training report.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct FitStats {
+    pub iterations: usize,
+    /// Largest absolute gradient component at the end (0 at the exact optimum).
+    pub gradient_max: f64,
+    pub converged: bool,
 }
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 
 /// Lower-cased words of two characters or more (letters and digits; everything else separates).
 fn words(text: &str) -> Vec<String> {
@@ -57,10 +62,10 @@ pub fn term_counts(title: Option<&str>, text: &str, buckets: usize) -> Features 
     let mut counts: HashMap<u32, f32> = HashMap::new();
     let mut previous: Option<u64> = None;
     for w in &words {
-        let unigram = fnv1a(w.bytes(), FNV_OFFSET);
+        let unigram = fnv::hash(w);
         *counts.entry((unigram % buckets as u64) as u32).or_default() += 1.0;
         if let Some(prev) = previous {
-            let bigram = fnv1a(w.bytes(), fnv1a([b' '], prev));
+            let bigram = fnv::extend(fnv::extend(prev, [b' ']), w.bytes());
             *counts.entry((bigram % buckets as u64) as u32).or_default() += 1.0;
         }
         previous = Some(unigram);
@@ -92,7 +97,8 @@ impl LexicalModel {
     }
 
     pub fn load(path: &Path) -> Result<Self, ModelError> {
-        let tensors = candle_core::safetensors::load(path, &Device::Cpu)?;
+        let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+            .map_err(|e| ModelError::Invalid(format!("{}: {e}", path.display())))?;
         let get = |name: &str| -> Result<Vec<f32>, ModelError> {
             let t = tensors.get(name).ok_or_else(|| ModelError::Invalid(format!("{}: no tensor {name:?}", path.display())))?;
             Ok(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
@@ -124,16 +130,30 @@ impl LexicalModel {
         Ok(())
     }
 
-    /// Fits the model on term counts (from [`term_counts`]) by L-BFGS on the class-weighted,
-    /// L2-regularised log loss: sum of weight_i * loss_i + |w|^2 / (2 * c). Deterministic: one
-    /// thread, fixed order.
-    pub fn fit(docs: &[Features], deal: &[bool], buckets: usize, deal_weight: f64, c: f64) -> Self {
+    /// Fits the model on term counts (from [`term_counts`] with the same `buckets`) by L-BFGS
+    /// on the class-weighted, L2-regularised log loss: sum of weight_i * loss_i + |w|^2 / (2 * c),
+    /// the bias unregularised. Deterministic: one thread, fixed order.
+    pub fn fit(docs: &[Features], deal: &[bool], buckets: usize, deal_weight: f64, c: f64) -> Result<(Self, FitStats), ModelError> {
+        if docs.len() != deal.len() || !deal.contains(&true) || !deal.contains(&false) {
+            return Err(ModelError::Invalid(format!(
+                "the lexical model needs one label per document and both classes; got {} documents, {} labels, {} deals",
+                docs.len(),
+                deal.len(),
+                deal.iter().filter(|&&d| d).count()
+            )));
+        }
+        if let Some(&(b, _)) = docs.iter().flatten().find(|&&(b, _)| b as usize >= buckets) {
+            return Err(ModelError::Invalid(format!("feature bucket {b} is outside the model's {buckets} buckets")));
+        }
         let n = docs.len() as f64;
         let mut df = vec![0u32; buckets];
         for d in docs {
             d.iter().for_each(|&(b, _)| df[b as usize] += 1);
         }
-        let idf: Vec<f32> = df.iter().map(|&f| (((1.0 + n) / (1.0 + f as f64)).ln() + 1.0) as f32).collect();
+        let idf: Vec<f32> = df
+            .iter()
+            .map(|&f| if f < MIN_DOCUMENT_FREQUENCY { 0.0 } else { (((1.0 + n) / (1.0 + f as f64)).ln() + 1.0) as f32 })
+            .collect();
         let xs: Vec<Features> = docs.iter().map(|d| weigh(d, &idf)).collect();
         let sample_weight: Vec<f64> = deal.iter().map(|&y| if y { deal_weight } else { 1.0 }).collect();
         // Parameters: buckets weights, then the (unregularised) bias.
@@ -155,14 +175,15 @@ impl LexicalModel {
             }
             loss + w.iter().map(|v| v * v).sum::<f64>() / (2.0 * c)
         };
-        let theta = lbfgs(objective, buckets + 1, 1000);
-        Self { weights: theta[..buckets].iter().map(|&v| v as f32).collect(), idf, bias: theta[buckets] as f32 }
+        let (theta, stats) = lbfgs(objective, buckets + 1, 1000);
+        Ok((Self { weights: theta[..buckets].iter().map(|&v| v as f32).collect(), idf, bias: theta[buckets] as f32 }, stats))
     }
 }
 
 /// Minimises a smooth convex function by L-BFGS (memory 10, backtracking Armijo line search),
-/// from zero, until the gradient or the improvement is negligible or `max_iter` is reached.
-fn lbfgs(mut f: impl FnMut(&[f64], &mut [f64]) -> f64, dim: usize, max_iter: usize) -> Vec<f64> {
+/// from zero, until the gradient or the improvement is negligible, the line search fails (the
+/// last accepted point is kept), or `max_iter` is reached.
+fn lbfgs(mut f: impl FnMut(&[f64], &mut [f64]) -> f64, dim: usize, max_iter: usize) -> (Vec<f64>, FitStats) {
     const MEMORY: usize = 10;
     let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
     let mut x = vec![0.0; dim];
@@ -170,7 +191,11 @@ fn lbfgs(mut f: impl FnMut(&[f64], &mut [f64]) -> f64, dim: usize, max_iter: usi
     let mut fx = f(&x, &mut g);
     let mut history: Vec<(Vec<f64>, Vec<f64>, f64)> = Vec::new(); // (s, y, 1 / y.s)
     let (mut x_new, mut g_new) = (vec![0.0; dim], vec![0.0; dim]);
-    for _ in 0..max_iter {
+    let gradient_max = |g: &[f64]| g.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let mut iterations = 0;
+    let mut converged = false;
+    while iterations < max_iter {
+        iterations += 1;
         // Two-loop recursion: direction = -H g.
         let mut d: Vec<f64> = g.iter().map(|v| -v).collect();
         let mut alphas = Vec::with_capacity(history.len());
@@ -190,15 +215,18 @@ fn lbfgs(mut f: impl FnMut(&[f64], &mut [f64]) -> f64, dim: usize, max_iter: usi
             break;
         }
         let mut step = 1.0;
-        let mut f_new;
-        loop {
+        let f_new = loop {
             x_new.iter_mut().zip(&x).zip(&d).for_each(|((n, xi), di)| *n = xi + step * di);
-            f_new = f(&x_new, &mut g_new);
-            if f_new <= fx + 1e-4 * step * slope || step < 1e-10 {
-                break;
+            let f_new = f(&x_new, &mut g_new);
+            if f_new <= fx + 1e-4 * step * slope {
+                break Some(f_new);
+            }
+            if step < 1e-10 {
+                break None;
             }
             step *= 0.5;
-        }
+        };
+        let Some(f_new) = f_new else { break };
         let s: Vec<f64> = x_new.iter().zip(&x).map(|(a, b)| a - b).collect();
         let y: Vec<f64> = g_new.iter().zip(&g).map(|(a, b)| a - b).collect();
         let sy = dot(&s, &y);
@@ -212,12 +240,13 @@ fn lbfgs(mut f: impl FnMut(&[f64], &mut [f64]) -> f64, dim: usize, max_iter: usi
             }
             history.push((s, y, 1.0 / sy));
         }
-        let g_max = g.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-        if g_max < 1e-5 || improvement.abs() < 1e-10 * fx.abs().max(1.0) {
+        if gradient_max(&g) < 1e-5 || improvement.abs() < 1e-10 * fx.abs().max(1.0) {
+            converged = true;
             break;
         }
     }
-    x
+    let stats = FitStats { iterations, gradient_max: gradient_max(&g), converged };
+    (x, stats)
 }
 
 #[cfg(test)]
@@ -232,24 +261,24 @@ mod tests {
         // so both read: acme to buy widgets unit (5 words, 4 pairs).
         assert_eq!(a, b);
         assert_eq!(a.iter().map(|(_, c)| c).sum::<f32>(), 9.0);
-        // Pinned: a change to the hashing would silently invalidate every trained model.
-        assert_eq!(fnv1a(*b"deal", FNV_OFFSET), 0xa5bc_1a67_4255_7fcf);
     }
 
     #[test]
     fn fit_separates_a_toy_corpus_and_round_trips() {
+        // Words in a single document get IDF 0, so each class's words recur.
         let texts = [
-            ("Acme to acquire Widget Co for $2 billion", true),
+            ("Acme to buy Widget Co for $2 billion", true),
             ("Bank agrees to buy rival lender", true),
-            ("Startup raises $40 million in Series B round", true),
-            ("Acme quarterly profit rises on strong demand", false),
-            ("Bank shares fall after weak results", false),
-            ("Startup launches new app for drivers", false),
+            ("Startup to buy app maker", true),
+            ("Acme quarterly profit rises", false),
+            ("Bank profit falls after weak results", false),
+            ("Startup profit rises on demand", false),
         ];
         let buckets = 1 << 12;
         let docs: Vec<Features> = texts.iter().map(|(t, _)| term_counts(None, t, buckets)).collect();
         let truth: Vec<bool> = texts.iter().map(|(_, y)| *y).collect();
-        let model = LexicalModel::fit(&docs, &truth, buckets, 1.0, 10.0);
+        let (model, stats) = LexicalModel::fit(&docs, &truth, buckets, 1.0, 10.0).unwrap();
+        assert!(stats.converged, "{stats:?}");
         for (text, deal) in texts {
             assert_eq!(model.logit(None, text) > 0.0, deal, "{text}: {}", model.logit(None, text));
         }
@@ -259,5 +288,28 @@ mod tests {
         let loaded = LexicalModel::load(&dir.join(FILE)).unwrap();
         assert_eq!(loaded.logit(None, texts[0].0), model.logit(None, texts[0].0));
         std::fs::remove_dir_all(&dir).unwrap();
+        assert!(LexicalModel::fit(&docs, &[true; 6], buckets, 1.0, 10.0).is_err(), "one class only");
+    }
+
+    #[test]
+    fn lbfgs_finds_the_minimum_of_a_quadratic() {
+        // f(x) = sum_i (i + 1) * (x_i - i)^2, minimised at x_i = i.
+        let (x, stats) = lbfgs(
+            |x, g| {
+                let mut f = 0.0;
+                for (i, (xi, gi)) in x.iter().zip(g.iter_mut()).enumerate() {
+                    let (a, d) = ((i + 1) as f64, xi - i as f64);
+                    f += a * d * d;
+                    *gi = 2.0 * a * d;
+                }
+                f
+            },
+            5,
+            200,
+        );
+        assert!(stats.converged, "{stats:?}");
+        for (i, xi) in x.iter().enumerate() {
+            assert!((xi - i as f64).abs() < 1e-4, "x[{i}] = {xi}");
+        }
     }
 }

@@ -93,7 +93,8 @@ def too_close_to_test(set_name, corpus=None):
     """For the training set: a predicate that is true of a headline of the test years or one
     sharing half its words (Jaccard) with a test headline, so no test event is trained on; with
     `corpus` (a `dealsift export-corpus` file), also with any validation or test text of the
-    other sources, so the written items neither leak into nor flatter the model's choice."""
+    modern and twitter pools (the styles round 3 imitates), so the written items neither leak a
+    test event nor flatter the validation sets that choose a model."""
     if set_name == "test":
         return lambda x: False
     tests = [word_set(r["text"]) for r in jsonl(TEST_FILE)]
@@ -101,7 +102,7 @@ def too_close_to_test(set_name, corpus=None):
         opener = gzip.open if str(corpus).endswith(".gz") else open
         with opener(corpus, "rt", encoding="utf-8") as f:
             held_out = [json.loads(line) for line in f]
-        tests += [word_set(r["text"]) for r in held_out if r["split"] != "train" and r["set"] != "headlines"]
+        tests += [word_set(r["text"]) for r in held_out if r["split"] != "train" and r["set"] in ("modern", "twitter")]
 
     def close(x):
         words = word_set(x["text"])
@@ -144,13 +145,15 @@ def read_writers(paths, spec, seen, close):
                 item["writer_subtype"] = x["subtype"]
             items.append(item)
     if dropped:
-        print(f"{dropped} headlines dropped: of the test years or too close to a test headline")
+        print(f"{dropped} headlines dropped: of the test years, or sharing half their words with a held-out text")
     return items
 
 
 def prepare(set_name, writer_dir, out, corpus=None):
-    """`corpus` (the spec's `avoid_pools`) is a `dealsift export-corpus` file. Late writers (the spec's `late`, whose files came after the batches went out) are
-    numbered after the others and read in one extra batch, leaving the others' ids unchanged."""
+    """Writer files -> items.jsonl and blind batches. `corpus` is a `dealsift export-corpus`
+    file, needed by sets with `avoid_pools`. Late writers (the spec's `late`, whose files came
+    after the batches went out) are numbered after the others and read in one extra batch,
+    leaving the others' ids unchanged."""
     spec = SETS[set_name]
     if spec.get("avoid_pools") and not corpus:
         sys.exit(f"{set_name} needs a `dealsift export-corpus` file to stay away from the pools' held-out texts")

@@ -7,7 +7,7 @@ tools/recipe_sweep/data.jsonl.gz: one JSON object per example
 Mirrors Corpus::load: validation carve-out by FNV-1a(id) % 1000 < 100 from the Reuters and
 twitter training files, twitter training rows relabelled by data/modern-labels*.jsonl (every round),
 modern examples from the committed split (twitter-topic-* ids excluded), the written headlines
-(2024-2026: test; 2012-2023, both rounds: validation by FNV-1a(event group) % 1000 < 200, else train), test sets whole,
+(2024-2026: test; 2012-2023, all three rounds: validation by FNV-1a(event group) % 1000 < 200, else train), test sets whole,
 and dedup (test keys first, then validation, then train) so no test text is in
 validation/train and no validation text is in train. Non-deal caps are NOT applied here.
 
