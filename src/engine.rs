@@ -46,20 +46,6 @@ impl ModelDir {
             .into_iter()
             .flatten()
             .fold(config.max_position_embeddings, usize::min);
-        let version = match &meta.version {
-            Some(v) => v.clone(),
-            None => {
-                let lexical_file = meta.lexical.map(|_| path.join(lexical::FILE));
-                weights_digest(std::iter::once(path.join("model.safetensors")).chain(lexical_file))?
-            }
-        };
-        let model_id = meta.model_id.clone().unwrap_or_else(|| {
-            path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
-        });
-        let temperature = meta.temperature.unwrap_or(1.0);
-        if !(temperature.is_finite() && temperature > 0.0) {
-            return Err(ModelError::Invalid(format!("dealsift.temperature must be > 0, got {temperature}")));
-        }
         let file = path.join(lexical::FILE);
         let lexical = match meta.lexical {
             Some(how) => {
@@ -78,6 +64,17 @@ impl ModelDir {
                 None
             }
         };
+        let version = match &meta.version {
+            Some(v) => v.clone(),
+            None => weights_digest(std::iter::once(path.join("model.safetensors")).chain(lexical.as_ref().map(|_| file.clone())))?,
+        };
+        let model_id = meta.model_id.clone().unwrap_or_else(|| {
+            path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
+        });
+        let temperature = meta.temperature.unwrap_or(1.0);
+        if !(temperature.is_finite() && temperature > 0.0) {
+            return Err(ModelError::Invalid(format!("dealsift.temperature must be > 0, got {temperature}")));
+        }
         let threshold = match &lexical {
             Some((_, how)) => how.threshold,
             None => meta.threshold.unwrap_or(0.5),
