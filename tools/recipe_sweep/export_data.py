@@ -303,8 +303,8 @@ def main():
     # What `dealsift train --sources reuters,twitter,modern,headlines` logs as train_counts and
     # validation sizes with the four rounds (without `headlines`, the first three of each).
     expected = {"train_counts": [("reuters", 8475, 1477), ("twitter", 15289, 1196), ("modern", 9651, 1819),
-                                 ("headlines", 2547, 1473)],
-                "validation": {"reuters": 960, "twitter": 1698, "modern": 1247, "headlines": 588},
+                                 ("headlines", 3514, 1992)],
+                "validation": {"reuters": 960, "twitter": 1698, "modern": 1247, "headlines": 811},
                 "reuters_test": (3299, 719), "twitter_test": 4117}
     ok = train == expected["train_counts"]
     for name, size in expected["validation"].items():
