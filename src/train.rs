@@ -255,13 +255,14 @@ pub fn train(cfg: TrainConfig) -> Result<TrainReport, TrainError> {
     let (threshold, _) = best_threshold(&sets);
     let validation_report = reports(&validation, &val_logits, temperature, threshold);
     tracing::info!(temperature, threshold, "calibrated on validation");
-    let lexical = match &cfg.lexical {
+    let (lexical_model, lexical_report) = match &cfg.lexical {
         Some(lc) => {
             let examples: Vec<(&str, &[Example])> = corpus.validation_for(&cfg.sources).map(|(n, s)| (*n, s.as_slice())).collect();
             let transformer: Vec<Vec<f32>> = probs.iter().map(|(p, _)| p.clone()).collect();
-            Some(fit_lexical(&corpus, &cfg.sources, &examples, &transformer, lc)?)
+            let (model, report) = fit_lexical(&corpus, &cfg.sources, &examples, &transformer, lc)?;
+            (Some(model), Some(report))
         }
-        None => None,
+        None => (None, None),
     };
 
     let report = TrainReport {
@@ -273,18 +274,13 @@ pub fn train(cfg: TrainConfig) -> Result<TrainReport, TrainError> {
         threshold,
         validation: validation_report,
         loss_curve,
-        lexical: None,
+        lexical: lexical_report,
     };
     save(&cfg, &varmap, config_json, &report)?;
-    match lexical {
-        Some((model, lexical_report)) => {
-            write_lexical(&cfg.out_dir, &model, &lexical_report, None)?;
-            let report = TrainReport { lexical: Some(lexical_report), ..report };
-            write_json(&cfg.out_dir.join("training_report.json"), &serde_json::to_value(&report).map_err(|e| TrainError::Invalid(e.to_string()))?)?;
-            Ok(report)
-        }
-        None => Ok(report),
+    if let (Some(model), Some(lexical_report)) = (&lexical_model, &report.lexical) {
+        write_lexical(&cfg.out_dir, model, lexical_report, None)?;
     }
+    Ok(report)
 }
 
 impl TrainConfig {

@@ -254,7 +254,7 @@ fn round_3_items_are_kept_apart_from_the_pools_held_out_texts() {
         let own = word_set(&row.text);
         let mut shared: HashMap<usize, usize> = HashMap::new();
         own.iter().flat_map(|w| postings.get(w.as_str()).into_iter().flatten()).for_each(|&i| *shared.entry(i).or_default() += 1);
-        if let Some((&i, _)) = shared.iter().find(|&(&i, &n)| 2 * n >= own.len() + held_out[i].1.len() - n) {
+        if let Some((&i, _)) = shared.iter().find(|&(&i, &n)| jaccard_at_least(n, own.len(), held_out[i].1.len(), 1, 2)) {
             panic!("{} shares half its words with {}", row.id, held_out[i].0);
         }
     }
@@ -268,8 +268,12 @@ fn word_set(text: &str) -> HashSet<String> {
 
 /// Whether two word sets' Jaccard similarity reaches `numerator / denominator`.
 fn share_at_least(a: &HashSet<String>, b: &HashSet<String>, numerator: usize, denominator: usize) -> bool {
-    let shared = a.intersection(b).count();
-    shared * denominator >= numerator * (a.len() + b.len() - shared)
+    jaccard_at_least(a.intersection(b).count(), a.len(), b.len(), numerator, denominator)
+}
+
+/// The same test from the sets' sizes and the number of words they share.
+fn jaccard_at_least(shared: usize, a_len: usize, b_len: usize, numerator: usize, denominator: usize) -> bool {
+    shared * denominator >= numerator * (a_len + b_len - shared)
 }
 
 /// Training headlines (all rounds): judged twice, of events before the test years, none

@@ -57,11 +57,11 @@ fn words(text: &str) -> Vec<String> {
 /// Raw term counts per bucket of the document's unigrams and bigrams (the title, when given,
 /// is read before the body, as the transformer reads it).
 pub fn term_counts(title: Option<&str>, text: &str, buckets: usize) -> Features {
-    let mut words = title.map(words).unwrap_or_default();
-    words.extend(self::words(text));
+    let mut tokens = title.map(words).unwrap_or_default();
+    tokens.extend(words(text));
     let mut counts: HashMap<u32, f32> = HashMap::new();
     let mut previous: Option<u64> = None;
-    for w in &words {
+    for w in &tokens {
         let unigram = fnv::hash(w);
         *counts.entry((unigram % buckets as u64) as u32).or_default() += 1.0;
         if let Some(prev) = previous {
