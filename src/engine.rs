@@ -185,7 +185,8 @@ impl Engine {
             for doc in docs {
                 let t0 = Instant::now();
                 let enc = encoder.encode(doc.title.as_deref(), &doc.text, options.long_text, max_chunks)?;
-                let lexical_logit = lexical.as_ref().map(|m| m.logit(doc.title.as_deref(), &doc.text));
+                // The lexical stage joins only texts longer than the window (see combine).
+                let lexical_logit = lexical.as_ref().filter(|_| enc.longer_than_window()).map(|m| m.logit(doc.title.as_deref(), &doc.text));
                 out.push((enc, lexical_logit, t0.elapsed()));
                 ids.push(doc.id);
             }
@@ -268,7 +269,9 @@ impl Engine {
     }
 }
 
-/// The deal probability from the transformer's calibrated probability and the lexical logit.
+/// The deal probability from the transformer's calibrated probability and the lexical logit,
+/// for a text longer than the window. Shorter texts keep the transformer's probability: it read
+/// them whole, and a bag of words misjudges single paragraphs of modern prose (MODEL_CARD.md).
 pub fn combine(transformer_probability: f32, lexical_logit: f32, how: &LexicalMeta) -> f32 {
     let z = ((1.0 - how.weight) * log_odds(transformer_probability) + how.weight * lexical_logit as f64) / how.temperature;
     (1.0 / (1.0 + (-z).exp())) as f32

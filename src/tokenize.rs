@@ -25,6 +25,13 @@ pub struct Encoded {
     pub truncated: bool,
 }
 
+impl Encoded {
+    /// The text did not fit one window (it was truncated, or read in several).
+    pub fn longer_than_window(&self) -> bool {
+        self.truncated || self.windows.len() > 1
+    }
+}
+
 pub struct TextEncoder {
     tokenizer: Tokenizer,
     /// Special tokens the tokenizer puts before and after a single text (e.g. `[CLS]`, `[SEP]`).

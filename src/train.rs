@@ -89,6 +89,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
 struct Item {
     ids: Vec<u32>,
     deal: bool,
+    /// The text did not fit the window (only these are joined to the lexical stage).
+    beyond_window: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -259,7 +261,7 @@ pub fn train(cfg: TrainConfig) -> Result<TrainReport, TrainError> {
         Some(lc) => {
             let examples: Vec<(&str, &[Example])> = corpus.validation_for(&cfg.sources).map(|(n, s)| (*n, s.as_slice())).collect();
             let transformer: Vec<Vec<f32>> = probs.iter().map(|(p, _)| p.clone()).collect();
-            let (model, report) = fit_lexical(&corpus, &cfg.sources, &examples, &transformer, lc)?;
+            let (model, report) = fit_lexical(&corpus, &cfg.sources, &examples, &transformer, &beyond_window(&validation), lc)?;
             (Some(model), Some(report))
         }
         None => (None, None),
@@ -313,7 +315,8 @@ fn read_base_config(dir: &Path) -> Result<serde_json::Value, TrainError> {
 fn tokenize<'a>(encoder: &TextEncoder, set: impl Iterator<Item = &'a Example>) -> Result<Vec<Item>, TrainError> {
     set.map(|ex| {
         let enc = encoder.encode(ex.title.as_deref(), &ex.text, LongText::Truncate, 1)?;
-        Ok(Item { ids: enc.windows.into_iter().next().unwrap_or_default(), deal: ex.deal })
+        let beyond_window = enc.longer_than_window();
+        Ok(Item { ids: enc.windows.into_iter().next().unwrap_or_default(), deal: ex.deal, beyond_window })
     })
     .collect()
 }
@@ -556,16 +559,29 @@ pub fn add_lexical(model_dir: &Path, data_dir: &Path, labels: &[PathBuf], source
         .iter()
         .map(|set| set.iter().map(|l| crate::metrics::deal_probability(l, dir.deal_index, dir.temperature)).collect())
         .collect();
-    let (lexical, report) = fit_lexical(&corpus, sources, &examples, &transformer, lc)?;
+    let (lexical, report) = fit_lexical(&corpus, sources, &examples, &transformer, &beyond_window(&validation), lc)?;
     write_lexical(model_dir, &lexical, &report, Some(version))?;
     Ok(report)
 }
 
-/// Fits the lexical model and chooses how it joins the transformer: the weight (0 to 1 in steps
-/// of 0.05) maximising the mean validation F1 at its best threshold, then the temperature that
-/// calibrates the joined log-odds, then the threshold again on the calibrated probabilities.
+/// Which validation items are longer than the window, per set.
+fn beyond_window(validation: &[(&str, Vec<Item>)]) -> Vec<Vec<bool>> {
+    validation.iter().map(|(_, items)| items.iter().map(|i| i.beyond_window).collect()).collect()
+}
+
+/// Fits the lexical model and chooses how it joins the transformer on texts longer than the
+/// window (`engine::combine`): the weight (0 to 1 in steps of 0.05) maximising the mean
+/// validation F1 at its best threshold, then the temperature that calibrates the joined log-odds
+/// of those texts, then the threshold again on the calibrated probabilities of every text.
 /// `transformer` holds the transformer's calibrated first-window probabilities per set.
-fn fit_lexical(corpus: &Corpus, sources: &[String], validation: &[(&str, &[Example])], transformer: &[Vec<f32>], lc: &LexicalConfig) -> Result<(LexicalModel, LexicalReport), TrainError> {
+fn fit_lexical(
+    corpus: &Corpus,
+    sources: &[String],
+    validation: &[(&str, &[Example])],
+    transformer: &[Vec<f32>],
+    beyond_window: &[Vec<bool>],
+    lc: &LexicalConfig,
+) -> Result<(LexicalModel, LexicalReport), TrainError> {
     let started = Instant::now();
     let train: Vec<&Example> =
         corpus.train.iter().filter(|(name, _)| sources.iter().any(|s| s == name)).flat_map(|(_, set)| set.iter()).collect();
@@ -577,7 +593,12 @@ fn fit_lexical(corpus: &Corpus, sources: &[String], validation: &[(&str, &[Examp
         validation.iter().map(|(_, set)| set.iter().map(|e| model.logit(e.title.as_deref(), &e.text)).collect()).collect();
     let truths: Vec<Vec<bool>> = validation.iter().map(|(_, set)| set.iter().map(|e| e.deal).collect()).collect();
     let joined = |how: &LexicalMeta| -> Vec<Vec<f32>> {
-        transformer.iter().zip(&lexical_logits).map(|(t, l)| t.iter().zip(l).map(|(&p, &z)| crate::engine::combine(p, z, how)).collect()).collect()
+        transformer
+            .iter()
+            .zip(&lexical_logits)
+            .zip(beyond_window)
+            .map(|((t, l), long)| t.iter().zip(l).zip(long).map(|((&p, &z), &long)| if long { crate::engine::combine(p, z, how) } else { p }).collect())
+            .collect()
     };
     // (threshold, mean F1) at the threshold maximising the mean F1 over the sets.
     let best_mean_f1 = |probs: &[Vec<f32>]| {
@@ -588,10 +609,19 @@ fn fit_lexical(corpus: &Corpus, sources: &[String], validation: &[(&str, &[Examp
     let weights_tried: Vec<(f64, f64)> =
         (0..=20).map(|k| k as f64 / 20.0).map(|weight| (weight, best_mean_f1(&joined(&uncalibrated(weight))).1)).collect();
     let weight = weights_tried.iter().fold((0.0, -1.0), |best, &cur| if cur.1 > best.1 { cur } else { best }).0;
-    // Calibrate the joined log-odds: as a two-class logit pair [0, z], softmax is sigmoid(z).
+    // Calibrate the joined log-odds of the long texts: as a two-class logit pair [0, z], softmax is sigmoid(z).
     let raw = joined(&uncalibrated(weight));
-    let pairs: Vec<Vec<f32>> = raw.iter().flatten().map(|&p| vec![0.0, crate::engine::log_odds(p) as f32]).collect();
-    let temperature = fit_temperature(&pairs, &truths.concat(), 1);
+    let long: Vec<(f32, bool)> = raw
+        .iter()
+        .flatten()
+        .zip(truths.iter().flatten())
+        .zip(beyond_window.iter().flatten())
+        .filter(|(_, &long)| long)
+        .map(|((&p, &y), _)| (p, y))
+        .collect();
+    let pairs: Vec<Vec<f32>> = long.iter().map(|&(p, _)| vec![0.0, crate::engine::log_odds(p) as f32]).collect();
+    let long_truth: Vec<bool> = long.iter().map(|&(_, y)| y).collect();
+    let temperature = if long_truth.contains(&true) && long_truth.contains(&false) { fit_temperature(&pairs, &long_truth, 1) } else { 1.0 };
     let probs = joined(&LexicalMeta { weight, temperature, threshold: 0.5 });
     let (threshold, _) = best_mean_f1(&probs);
     let report_of = |probs: &[Vec<f32>], threshold: f32| -> Vec<SetReport> {

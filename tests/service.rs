@@ -337,9 +337,10 @@ async fn load_generator_drives_the_server_closed_and_open_loop() {
 }
 
 /// A model directory with a lexical stage (`dealsift.lexical` and `lexical.safetensors`) is
-/// served as configured: each probability is `engine::combine` of the transformer's own (from
-/// the same directory without the stage) and the lexical logit, and the stage's threshold
-/// decides the label; without its weights file the directory is refused by name.
+/// served as configured: the probability of a text longer than the window is `engine::combine`
+/// of the transformer's own (from the same directory without the stage) and the lexical logit,
+/// a shorter text keeps the transformer's, and the stage's threshold decides the label; without
+/// its weights file the directory is refused by name.
 #[tokio::test]
 async fn lexical_stage_is_served_as_configured() {
     use dealsift::engine::{combine, Admission, Doc, ModelDir, Options};
@@ -347,7 +348,9 @@ async fn lexical_stage_is_served_as_configured() {
     use dealsift::model::lexical::{term_counts, FILE};
     use dealsift::model::LexicalModel;
     use dealsift::tokenize::LongText;
-    let texts = ["Acme agrees to buy Widget Co", "Acme profit rises", "Bank to buy rival", "Bank profit falls"];
+    let long_deal = "Acme agrees to buy Widget Co. ".repeat(40);
+    let long_other = "Bank profit falls. ".repeat(60);
+    let texts = ["Acme agrees to buy Widget Co", "Acme profit rises", "Bank to buy rival", "Bank profit falls", &long_deal, &long_other];
     let score = |dir: std::path::PathBuf| async move {
         let model = ModelDir::open(&dir, Some(128)).unwrap();
         let threshold = model.threshold;
@@ -376,12 +379,13 @@ async fn lexical_stage_is_served_as_configured() {
 
     let buckets = 1 << 10;
     let docs: Vec<_> = texts.iter().map(|t| term_counts(None, t, buckets)).collect();
-    let (lexical, _) = LexicalModel::fit(&docs, &[true, false, true, false], buckets, 1.0, 10.0).unwrap();
+    let (lexical, _) = LexicalModel::fit(&docs, &[true, false, true, false, true, false], buckets, 1.0, 10.0).unwrap();
     lexical.save(&dir.join(FILE)).unwrap();
     let (joined, threshold) = score(dir.clone()).await;
     assert_eq!(threshold, 0.4, "the stage's threshold is the default");
     for ((text, alone), joined) in texts.iter().zip(&alone).zip(&joined) {
-        let expected = combine(alone.deal_probability, lexical.logit(None, text), &how);
+        assert_eq!(alone.truncated, text.len() > 100, "{text}: only the repeated texts exceed the window");
+        let expected = if alone.truncated { combine(alone.deal_probability, lexical.logit(None, text), &how) } else { alone.deal_probability };
         assert!((joined.deal_probability - expected).abs() < 1e-5, "{text}: {} against {expected}", joined.deal_probability);
         assert_eq!(joined.label == Label::Deal as i32, joined.deal_probability >= 0.4, "{text}");
         let total: f32 = joined.scores.iter().map(|s| s.score).sum();
