@@ -207,7 +207,7 @@ struct TrainArgs {
     max_steps: Option<usize>,
     #[arg(long, default_value = "dealsift-minilm-l6")]
     model_id: String,
-    #[arg(long, default_value = "1.6.0")]
+    #[arg(long, default_value = "1.7.0")]
     version: String,
     /// CPU threads (default: all cores).
     #[arg(long, env = "DEALSIFT_THREADS")]
@@ -218,14 +218,14 @@ struct TrainArgs {
     /// Hash buckets of the lexical model's words and word pairs.
     #[arg(long, default_value_t = dealsift::model::lexical::DEFAULT_BUCKETS)]
     lexical_buckets: usize,
-    /// Also fit the whole-document lexical model and join it to the transformer (off by
-    /// default: it misreads modern article prose; see the model card's "The lexical stage").
+    /// Train the transformer alone, without the lexical stage that reads texts longer than the
+    /// window (see the model card's "The lexical stage for long texts").
     #[arg(long)]
-    lexical: bool,
+    no_lexical: bool,
     /// Keep the transformer already in --out and fit only the lexical model and how it joins
     /// (minutes instead of an hour); --version names the result. Rewrites --out's config.json,
     /// so --out must be given (a copy of a model, not the shipped one by accident).
-    #[arg(long, conflicts_with = "lexical")]
+    #[arg(long, conflicts_with = "no_lexical")]
     lexical_only: bool,
 }
 
@@ -639,7 +639,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         per_source_limit: args.limits,
         frozen_layers: args.frozen_layers,
         max_steps: args.max_steps,
-        lexical: args.lexical.then_some(lexical),
+        lexical: (!args.no_lexical).then_some(lexical),
     };
     let report = dealsift::train::train(config)?;
     println!("{}", serde_json::to_string_pretty(&report.validation)?);

@@ -57,7 +57,8 @@ pub struct TrainConfig {
 }
 
 /// The lexical stage (`model::lexical`): a logistic regression over hashed words and word pairs
-/// of the training sources' full texts, joined to the transformer by a weight chosen on validation.
+/// of the training sources' full texts, joined to the transformer on texts longer than the
+/// window by a weight chosen on validation.
 #[derive(Debug, Clone, Serialize)]
 pub struct LexicalConfig {
     /// Inverse L2 strength (as scikit-learn's `C`): larger fits the training data more closely.

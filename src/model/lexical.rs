@@ -1,9 +1,10 @@
 //! A bag-of-words logistic regression that reads the whole document, combined with the
-//! transformer's calibrated logit (opt-in: `dealsift train --lexical`).
+//! transformer's calibrated logit for texts longer than the window (`engine::combine`).
 //!
 //! Why: by default the transformer reads the first window only (128 tokens), so a newswire story
-//! whose lead is about something else hides its deal; and a linear model over words and word
-//! pairs is strong where deal vocabulary is decisive, and cheap (microseconds per document).
+//! whose lead is about something else hides its deal; a linear model over words and word pairs
+//! reads all of it, cheaply (microseconds per document). Texts that fit the window are left to
+//! the transformer: on a single paragraph of modern prose the bag of words is mostly prior.
 //! Features are hashed unigrams and bigrams of lower-cased words (runs of Unicode letters and
 //! digits, two characters or more), weighted 1 + ln(tf) times a smoothed IDF and L2-normalised;
 //! buckets seen in fewer than two training documents get IDF 0, so words the model has no
