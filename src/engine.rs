@@ -27,7 +27,8 @@ pub struct ModelDir {
     pub threshold: f32,
     /// Tokens per window, special tokens included.
     pub window: usize,
-    /// The whole-document lexical model and how it joins the transformer, when the directory has one.
+    /// The whole-document lexical model and how it joins the transformer on texts longer than
+    /// the window, when the directory has one.
     pub lexical: Option<(Arc<LexicalModel>, LexicalMeta)>,
 }
 
@@ -267,6 +268,12 @@ impl Engine {
             }),
         }
     }
+}
+
+/// The deal probability as served: the transformer's calibrated probability, joined (`combine`)
+/// to the lexical logit when the text has one, i.e. is longer than the window (`classify`).
+pub fn joined_probability(transformer_probability: f32, lexical_logit: Option<f32>, how: &LexicalMeta) -> f32 {
+    lexical_logit.map_or(transformer_probability, |z| combine(transformer_probability, z, how))
 }
 
 /// The deal probability from the transformer's calibrated probability and the lexical logit,

@@ -82,6 +82,11 @@ pub fn start_engine(
 ) -> Result<Engine, ModelError> {
     let max_seq = executors.first().map(|e| e.info().shapes.max_seq()).unwrap_or(0);
     let window = model.window.min(max_seq);
+    if let (Some(_), Some(trained)) = (&model.lexical, model.config.dealsift.max_sequence_length) {
+        if window < trained {
+            tracing::warn!(window, trained, "serving a shorter window than the model was trained for: texts between the two lengths are joined to the lexical stage, whose weight and threshold were fit without them");
+        }
+    }
     let encoder = TextEncoder::from_file(&model.path.join("tokenizer.json"), window)?;
     let model = ModelDir { window, ..model };
     let pad_id = model.config.pad_token_id;

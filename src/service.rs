@@ -277,6 +277,7 @@ fn model_info(engine: &Engine, limits: &Limits) -> ModelInfo {
         }),
         buckets,
         executors: batcher.executors() as u32,
+        lexical_stage: engine.model.lexical.is_some(),
     }
 }
 

@@ -86,12 +86,12 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
     move |source| TrainError::Io { path: path.display().to_string(), source }
 }
 
-/// A tokenized example: one window, its label.
+/// A tokenized example: its first window, its label.
 struct Item {
     ids: Vec<u32>,
     deal: bool,
     /// The text did not fit the window (only these are joined to the lexical stage).
-    beyond_window: bool,
+    longer_than_window: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -115,6 +115,8 @@ pub struct TrainReport {
     pub threshold: f32,
     pub validation: Vec<SetReport>,
     pub loss_curve: Vec<(usize, f32)>,
+    /// The lexical stage, fit after the transformer is saved (its own `lexical_report.json`).
+    #[serde(skip)]
     pub lexical: Option<LexicalReport>,
 }
 
@@ -258,17 +260,8 @@ pub fn train(cfg: TrainConfig) -> Result<TrainReport, TrainError> {
     let (threshold, _) = best_threshold(&sets);
     let validation_report = reports(&validation, &val_logits, temperature, threshold);
     tracing::info!(temperature, threshold, "calibrated on validation");
-    let (lexical_model, lexical_report) = match &cfg.lexical {
-        Some(lc) => {
-            let examples: Vec<(&str, &[Example])> = corpus.validation_for(&cfg.sources).map(|(n, s)| (*n, s.as_slice())).collect();
-            let transformer: Vec<Vec<f32>> = probs.iter().map(|(p, _)| p.clone()).collect();
-            let (model, report) = fit_lexical(&corpus, &cfg.sources, &examples, &transformer, &beyond_window(&validation), lc)?;
-            (Some(model), Some(report))
-        }
-        None => (None, None),
-    };
 
-    let report = TrainReport {
+    let mut report = TrainReport {
         config: cfg.clone(),
         train_examples: train_counts,
         steps: step,
@@ -277,11 +270,11 @@ pub fn train(cfg: TrainConfig) -> Result<TrainReport, TrainError> {
         threshold,
         validation: validation_report,
         loss_curve,
-        lexical: lexical_report,
+        lexical: None,
     };
     save(&cfg, &varmap, config_json, &report)?;
-    if let (Some(model), Some(lexical_report)) = (&lexical_model, &report.lexical) {
-        write_lexical(&cfg.out_dir, model, lexical_report, None)?;
+    if let Some(lc) = &cfg.lexical {
+        report.lexical = Some(lexical_stage(&cfg.out_dir, &corpus, &cfg.sources, lc, None)?);
     }
     Ok(report)
 }
@@ -316,8 +309,8 @@ fn read_base_config(dir: &Path) -> Result<serde_json::Value, TrainError> {
 fn tokenize<'a>(encoder: &TextEncoder, set: impl Iterator<Item = &'a Example>) -> Result<Vec<Item>, TrainError> {
     set.map(|ex| {
         let enc = encoder.encode(ex.title.as_deref(), &ex.text, LongText::Truncate, 1)?;
-        let beyond_window = enc.longer_than_window();
-        Ok(Item { ids: enc.windows.into_iter().next().unwrap_or_default(), deal: ex.deal, beyond_window })
+        let longer_than_window = enc.longer_than_window();
+        Ok(Item { ids: enc.windows.into_iter().next().unwrap_or_default(), deal: ex.deal, longer_than_window })
     })
     .collect()
 }
@@ -539,19 +532,25 @@ fn check_sources<'a>(corpus: &Corpus, mut named: impl Iterator<Item = &'a String
     }
 }
 
-/// The lexical stage on its own, for a model directory trained earlier (its transformer, its
-/// temperature): fits the lexical model on `sources`' training texts, chooses the weight and the
-/// threshold on the validation sets, and writes `lexical.safetensors`, `config.json` (with
-/// `version`) and `lexical_report.json` into `model_dir`.
+/// The lexical stage on its own, for a model directory trained earlier: see `lexical_stage`;
+/// `version` names the result.
 pub fn add_lexical(model_dir: &Path, data_dir: &Path, labels: &[PathBuf], sources: &[String], lc: &LexicalConfig, version: &str) -> Result<LexicalReport, TrainError> {
+    let corpus = Corpus::load(data_dir, labels)?;
+    check_sources(&corpus, sources.iter())?;
+    lexical_stage(model_dir, &corpus, sources, lc, Some(version))
+}
+
+/// Fits the lexical model on `sources`' training texts and how it joins the transformer saved in
+/// `model_dir`, scored as served (its float16 weights, its temperature), so that `train` and
+/// `train --lexical-only` on the same transformer write the same stage; writes
+/// `lexical.safetensors`, `config.json` (with `version`, if given) and `lexical_report.json`.
+fn lexical_stage(model_dir: &Path, corpus: &Corpus, sources: &[String], lc: &LexicalConfig, version: Option<&str>) -> Result<LexicalReport, TrainError> {
     let dir = crate::engine::ModelDir::open(model_dir, None)?;
     let encoder = TextEncoder::from_file(&model_dir.join("tokenizer.json"), dir.window)?;
     let weights = model_dir.join("model.safetensors");
     // SAFETY: the file is mapped read-only and not modified while this runs.
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, &Device::Cpu)? };
     let model = BertClassifier::load(vb, &dir.config)?;
-    let corpus = Corpus::load(data_dir, labels)?;
-    check_sources(&corpus, sources.iter())?;
     let examples: Vec<(&str, &[Example])> = corpus.validation_for(sources).map(|(n, s)| (*n, s.as_slice())).collect();
     let validation: Vec<(&str, Vec<Item>)> =
         examples.iter().map(|(name, set)| Ok((*name, tokenize(&encoder, set.iter())?))).collect::<Result<_, TrainError>>()?;
@@ -560,14 +559,17 @@ pub fn add_lexical(model_dir: &Path, data_dir: &Path, labels: &[PathBuf], source
         .iter()
         .map(|set| set.iter().map(|l| crate::metrics::deal_probability(l, dir.deal_index, dir.temperature)).collect())
         .collect();
-    let (lexical, report) = fit_lexical(&corpus, sources, &examples, &transformer, &beyond_window(&validation), lc)?;
-    write_lexical(model_dir, &lexical, &report, Some(version))?;
+    let (lexical, report) = fit_lexical(corpus, sources, &examples, &transformer, &longer_than_window(&validation), lc)?;
+    write_lexical(model_dir, &lexical, &report, version)?;
     Ok(report)
 }
 
+/// Long validation texts of each class needed to fit the join's temperature (below it, 1).
+const MIN_PER_CLASS_FOR_TEMPERATURE: usize = 10;
+
 /// Which validation items are longer than the window, per set.
-fn beyond_window(validation: &[(&str, Vec<Item>)]) -> Vec<Vec<bool>> {
-    validation.iter().map(|(_, items)| items.iter().map(|i| i.beyond_window).collect()).collect()
+fn longer_than_window(validation: &[(&str, Vec<Item>)]) -> Vec<Vec<bool>> {
+    validation.iter().map(|(_, items)| items.iter().map(|i| i.longer_than_window).collect()).collect()
 }
 
 /// Fits the lexical model and chooses how it joins the transformer on texts longer than the
@@ -580,7 +582,7 @@ fn fit_lexical(
     sources: &[String],
     validation: &[(&str, &[Example])],
     transformer: &[Vec<f32>],
-    beyond_window: &[Vec<bool>],
+    long_texts: &[Vec<bool>],
     lc: &LexicalConfig,
 ) -> Result<(LexicalModel, LexicalReport), TrainError> {
     let started = Instant::now();
@@ -593,12 +595,14 @@ fn fit_lexical(
     let lexical_logits: Vec<Vec<f32>> =
         validation.iter().map(|(_, set)| set.iter().map(|e| model.logit(e.title.as_deref(), &e.text)).collect()).collect();
     let truths: Vec<Vec<bool>> = validation.iter().map(|(_, set)| set.iter().map(|e| e.deal).collect()).collect();
+    // As the engine serves it: only long texts have a lexical logit to join.
+    let join_logits: Vec<Vec<Option<f32>>> =
+        lexical_logits.iter().zip(long_texts).map(|(l, long)| l.iter().zip(long).map(|(&z, &is_long)| is_long.then_some(z)).collect()).collect();
     let joined = |how: &LexicalMeta| -> Vec<Vec<f32>> {
         transformer
             .iter()
-            .zip(&lexical_logits)
-            .zip(beyond_window)
-            .map(|((t, l), long)| t.iter().zip(l).zip(long).map(|((&p, &z), &long)| if long { crate::engine::combine(p, z, how) } else { p }).collect())
+            .zip(&join_logits)
+            .map(|(t, l)| t.iter().zip(l).map(|(&p, &z)| crate::engine::joined_probability(p, z, how)).collect())
             .collect()
     };
     // (threshold, mean F1) at the threshold maximising the mean F1 over the sets.
@@ -612,17 +616,23 @@ fn fit_lexical(
     let weight = weights_tried.iter().fold((0.0, -1.0), |best, &cur| if cur.1 > best.1 { cur } else { best }).0;
     // Calibrate the joined log-odds of the long texts: as a two-class logit pair [0, z], softmax is sigmoid(z).
     let raw = joined(&uncalibrated(weight));
-    let long: Vec<(f32, bool)> = raw
+    let long_pairs: Vec<(f32, bool)> = raw
         .iter()
         .flatten()
         .zip(truths.iter().flatten())
-        .zip(beyond_window.iter().flatten())
-        .filter(|(_, &long)| long)
+        .zip(long_texts.iter().flatten())
+        .filter(|(_, &is_long)| is_long)
         .map(|((&p, &y), _)| (p, y))
         .collect();
-    let pairs: Vec<Vec<f32>> = long.iter().map(|&(p, _)| vec![0.0, crate::engine::log_odds(p) as f32]).collect();
-    let long_truth: Vec<bool> = long.iter().map(|&(_, y)| y).collect();
-    let temperature = if long_truth.contains(&true) && long_truth.contains(&false) { fit_temperature(&pairs, &long_truth, 1) } else { 1.0 };
+    let logit_pairs: Vec<Vec<f32>> = long_pairs.iter().map(|&(p, _)| vec![0.0, crate::engine::log_odds(p) as f32]).collect();
+    let long_truth: Vec<bool> = long_pairs.iter().map(|&(_, y)| y).collect();
+    let deals = long_truth.iter().filter(|&&y| y).count();
+    let temperature = if deals.min(long_truth.len() - deals) >= MIN_PER_CLASS_FOR_TEMPERATURE {
+        fit_temperature(&logit_pairs, &long_truth, 1)
+    } else {
+        tracing::warn!(long_texts = long_truth.len(), deals, "too few long validation texts of each class to fit the join's temperature: using 1");
+        1.0
+    };
     let probs = joined(&LexicalMeta { weight, temperature, threshold: 0.5 });
     let (threshold, _) = best_mean_f1(&probs);
     let report_of = |probs: &[Vec<f32>], threshold: f32| -> Vec<SetReport> {

@@ -144,6 +144,7 @@ async fn health_goes_from_not_serving_to_serving() {
     assert_eq!(info.backend, "cpu");
     assert_eq!(info.max_sequence_length, 128);
     assert_eq!(info.executors, 1);
+    assert!(!info.lexical_stage, "the fixture has no lexical stage");
     assert_eq!(info.limits.unwrap().max_documents_per_request, 64);
     server.stop().await.unwrap();
 }
@@ -339,8 +340,9 @@ async fn load_generator_drives_the_server_closed_and_open_loop() {
 /// A model directory with a lexical stage (`dealsift.lexical` and `lexical.safetensors`) is
 /// served as configured: the probability of a text longer than the window is `engine::combine`
 /// of the transformer's own (from the same directory without the stage) and the lexical logit,
-/// a shorter text keeps the transformer's, and the stage's threshold decides the label; without
-/// its weights file the directory is refused by name.
+/// a shorter text keeps the transformer's, in every long-text mode (truncated, or read in several
+/// windows), and the stage's threshold decides the label; without its weights file the directory
+/// is refused by name.
 #[tokio::test]
 async fn lexical_stage_is_served_as_configured() {
     use dealsift::engine::{combine, Admission, Doc, ModelDir, Options};
@@ -351,18 +353,17 @@ async fn lexical_stage_is_served_as_configured() {
     let long_deal = "Acme agrees to buy Widget Co. ".repeat(40);
     let long_other = "Bank profit falls. ".repeat(60);
     let texts = ["Acme agrees to buy Widget Co", "Acme profit rises", "Bank to buy rival", "Bank profit falls", &long_deal, &long_other];
-    let score = |dir: std::path::PathBuf| async move {
+    let score = |dir: std::path::PathBuf, long_text: LongText| async move {
         let model = ModelDir::open(&dir, Some(128)).unwrap();
         let threshold = model.threshold;
         let cpu = dealsift::backend::cpu::CpuBackend::load(&dir, &model.config, 8, model.window, Default::default()).unwrap();
         let engine = dealsift::server::start_engine(model, vec![Box::new(cpu)], config().batcher, 8, Arc::new(|_| {})).unwrap();
         let docs = texts.iter().map(|t| Doc { id: t.to_string(), title: None, text: t.to_string() }).collect();
-        let options = Options { threshold, long_text: LongText::Truncate };
+        let options = Options { threshold, long_text };
         let results = engine.classify(docs, options, None, Admission::Wait).await.unwrap();
         engine.shutdown();
         (results, threshold)
     };
-    let (alone, _) = score(fixture_dir()).await;
 
     let dir = std::env::temp_dir().join(format!("dealsift-lexical-stage-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -381,15 +382,19 @@ async fn lexical_stage_is_served_as_configured() {
     let docs: Vec<_> = texts.iter().map(|t| term_counts(None, t, buckets)).collect();
     let (lexical, _) = LexicalModel::fit(&docs, &[true, false, true, false, true, false], buckets, 1.0, 10.0).unwrap();
     lexical.save(&dir.join(FILE)).unwrap();
-    let (joined, threshold) = score(dir.clone()).await;
-    assert_eq!(threshold, 0.4, "the stage's threshold is the default");
-    for ((text, alone), joined) in texts.iter().zip(&alone).zip(&joined) {
-        assert_eq!(alone.truncated, text.len() > 100, "{text}: only the repeated texts exceed the window");
-        let expected = if alone.truncated { combine(alone.deal_probability, lexical.logit(None, text), &how) } else { alone.deal_probability };
-        assert!((joined.deal_probability - expected).abs() < 1e-5, "{text}: {} against {expected}", joined.deal_probability);
-        assert_eq!(joined.label == Label::Deal as i32, joined.deal_probability >= 0.4, "{text}");
-        let total: f32 = joined.scores.iter().map(|s| s.score).sum();
-        assert!((total - 1.0).abs() < 1e-5, "{text}: scores sum to {total}");
+    for mode in [LongText::Truncate, LongText::ChunkMax] {
+        let (alone, _) = score(fixture_dir(), mode).await;
+        let (joined, threshold) = score(dir.clone(), mode).await;
+        assert_eq!(threshold, 0.4, "the stage's threshold is the default");
+        for ((text, alone), joined) in texts.iter().zip(&alone).zip(&joined) {
+            let long = alone.truncated || alone.chunks > 1;
+            assert_eq!(long, text.len() > 100, "{mode:?}, {text}: only the repeated texts exceed the window");
+            let expected = if long { combine(alone.deal_probability, lexical.logit(None, text), &how) } else { alone.deal_probability };
+            assert!((joined.deal_probability - expected).abs() < 1e-5, "{mode:?}, {text}: {} against {expected}", joined.deal_probability);
+            assert_eq!(joined.label == Label::Deal as i32, joined.deal_probability >= 0.4, "{text}");
+            let total: f32 = joined.scores.iter().map(|s| s.score).sum();
+            assert!((total - 1.0).abs() < 1e-5, "{text}: scores sum to {total}");
+        }
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }

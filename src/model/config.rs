@@ -53,16 +53,19 @@ pub struct ServingMeta {
     /// Window the model was trained for, special tokens included.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_sequence_length: Option<usize>,
-    /// How the whole-document lexical model (`lexical.safetensors`) joins the transformer.
+    /// How the whole-document lexical model (`lexical.safetensors`) joins the transformer on
+    /// texts longer than the window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lexical: Option<LexicalMeta>,
 }
 
-/// The deal probability is sigmoid(((1 - weight) * z_transformer + weight * z_lexical) / temperature),
-/// with z_transformer the transformer's temperature-scaled deal log-odds (of its first window, or
-/// of the windows' aggregate when chunking; the join is fit on first windows); all three numbers
-/// fit on validation data. The joined probability has its own default threshold, so
-/// `dealsift.threshold` stays the transformer's (what a server without this stage applies).
+/// For a text longer than the window, the deal probability is
+/// sigmoid(((1 - weight) * z_transformer + weight * z_lexical) / temperature), with z_transformer
+/// the transformer's temperature-scaled deal log-odds (of its first window, or of the windows'
+/// aggregate when chunking; the join is fit on first windows); shorter texts keep the
+/// transformer's probability. All three numbers are fit on validation data; `threshold` is the
+/// default for every text when the stage is served, so `dealsift.threshold` stays the
+/// transformer's (what a server without this stage applies).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct LexicalMeta {
     pub weight: f64,
