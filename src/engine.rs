@@ -27,8 +27,8 @@ pub struct ModelDir {
     pub threshold: f32,
     /// Tokens per window, special tokens included.
     pub window: usize,
-    /// The whole-document lexical model and how it joins the transformer on texts longer than
-    /// the window, when the directory has one.
+    /// The whole-document lexical model and how it joins the transformer, when the directory
+    /// has one.
     pub lexical: Option<(Arc<LexicalModel>, LexicalMeta)>,
 }
 
@@ -56,7 +56,7 @@ impl ModelDir {
                         file.display()
                     )));
                 }
-                Some((Arc::new(LexicalModel::load(&file)?), how))
+                Some((Arc::new(LexicalModel::load(&file, how.vocabulary)?), how))
             }
             None => {
                 if file.is_file() {
@@ -178,7 +178,7 @@ impl Engine {
     pub async fn classify(&self, docs: Vec<Doc>, options: Options, deadline: Option<Instant>, admission: Admission) -> Result<Vec<DocumentResult>, EngineError> {
         let started = Instant::now();
         let encoder = self.encoder.clone();
-        let lexical = self.model.lexical.as_ref().map(|(model, _)| model.clone());
+        let lexical = self.model.lexical.as_ref().map(|(model, how)| (model.clone(), how.joins));
         let max_chunks = self.max_chunks;
         let (encoded, ids) = tokio::task::spawn_blocking(move || {
             let mut out = Vec::with_capacity(docs.len());
@@ -186,8 +186,10 @@ impl Engine {
             for doc in docs {
                 let t0 = Instant::now();
                 let enc = encoder.encode(doc.title.as_deref(), &doc.text, options.long_text, max_chunks)?;
-                // The lexical stage joins only texts longer than the window (see combine).
-                let lexical_logit = lexical.as_ref().filter(|_| enc.longer_than_window()).map(|m| m.logit(doc.title.as_deref(), &doc.text));
+                let lexical_logit = lexical
+                    .as_ref()
+                    .filter(|(_, joins)| joins.includes(enc.longer_than_window()))
+                    .map(|(m, _)| m.logit(doc.title.as_deref(), &doc.text));
                 out.push((enc, lexical_logit, t0.elapsed()));
                 ids.push(doc.id);
             }
@@ -271,14 +273,13 @@ impl Engine {
 }
 
 /// The deal probability as served: the transformer's calibrated probability, joined (`combine`)
-/// to the lexical logit when the text has one, i.e. is longer than the window (`classify`).
+/// to the lexical logit when the text has one, i.e. is one the stage joins (`classify`).
 pub fn joined_probability(transformer_probability: f32, lexical_logit: Option<f32>, how: &LexicalMeta) -> f32 {
     lexical_logit.map_or(transformer_probability, |z| combine(transformer_probability, z, how))
 }
 
 /// The deal probability from the transformer's calibrated probability and the lexical logit,
-/// for a text longer than the window. Shorter texts keep the transformer's probability: it read
-/// them whole, and a bag of words misjudges single paragraphs of modern prose (MODEL_CARD.md).
+/// for a text the stage joins (`LexicalMeta::joins`).
 pub fn combine(transformer_probability: f32, lexical_logit: f32, how: &LexicalMeta) -> f32 {
     let z = ((1.0 - how.weight) * log_odds(transformer_probability) + how.weight * lexical_logit as f64) / how.temperature;
     (1.0 / (1.0 + (-z).exp())) as f32

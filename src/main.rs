@@ -11,6 +11,8 @@ use dealsift::backend::neuron::{self, NeuronOptions};
 use dealsift::backend::cpu::CpuKernels;
 use dealsift::bench;
 use dealsift::batcher::BatcherConfig;
+use dealsift::model::config::Joins;
+use dealsift::model::lexical::{Recipe, Vocabulary};
 use dealsift::server::{self, ModelSpec, ServerConfig};
 use dealsift::service::Limits;
 use dealsift::tokenize::LongText;
@@ -218,6 +220,16 @@ struct TrainArgs {
     /// Hash buckets of the lexical model's words and word pairs.
     #[arg(long, default_value_t = dealsift::model::lexical::DEFAULT_BUCKETS)]
     lexical_buckets: usize,
+    /// Which texts the lexical stage joins.
+    #[arg(long, value_enum, default_value = "long-texts")]
+    lexical_joins: JoinsArg,
+    /// Which words the lexical model reads.
+    #[arg(long, value_enum, default_value = "all-words")]
+    lexical_vocabulary: VocabularyArg,
+    /// Also train the lexical model on the whole Wikinews articles of the labelled modern
+    /// training items (when the modern source trains).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    lexical_articles: bool,
     /// Train the transformer alone, without the lexical stage that reads texts longer than the
     /// window (see the model card's "The lexical stage for long texts").
     #[arg(long)]
@@ -287,6 +299,39 @@ impl From<LongTextArg> for LongText {
             LongTextArg::Truncate => LongText::Truncate,
             LongTextArg::ChunkMax => LongText::ChunkMax,
             LongTextArg::ChunkMean => LongText::ChunkMean,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum JoinsArg {
+    /// Texts longer than the window (the transformer reads the rest of shorter ones).
+    LongTexts,
+    /// Every text.
+    AllTexts,
+}
+
+impl From<JoinsArg> for Joins {
+    fn from(v: JoinsArg) -> Self {
+        match v {
+            JoinsArg::LongTexts => Joins::LongTexts,
+            JoinsArg::AllTexts => Joins::AllTexts,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum VocabularyArg {
+    AllWords,
+    /// Without English function words (articles, pronouns, auxiliaries, prepositions, ...).
+    ContentWords,
+}
+
+impl From<VocabularyArg> for Vocabulary {
+    fn from(v: VocabularyArg) -> Self {
+        match v {
+            VocabularyArg::AllWords => Vocabulary::AllWords,
+            VocabularyArg::ContentWords => Vocabulary::ContentWords,
         }
     }
 }
@@ -603,7 +648,11 @@ fn classify(args: ClassifyCli) -> anyhow::Result<()> {
 fn train(args: TrainArgs) -> anyhow::Result<()> {
     set_threads(args.threads);
     anyhow::ensure!(args.lexical_c > 0.0 && args.lexical_buckets > 0, "--lexical-c and --lexical-buckets must be positive");
-    let lexical = dealsift::train::LexicalConfig { c: args.lexical_c, buckets: args.lexical_buckets, deal_weight: args.deal_weight };
+    let lexical = dealsift::train::LexicalConfig {
+        recipe: Recipe { buckets: args.lexical_buckets, vocabulary: args.lexical_vocabulary.into(), deal_weight: args.deal_weight, c: args.lexical_c },
+        joins: args.lexical_joins.into(),
+        articles: args.lexical_articles,
+    };
     let data_dir = args.data_dir.unwrap_or_else(dealsift::data::default_data_dir);
     if args.lexical_only {
         anyhow::ensure!(

@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::backend::{Batch, Bucket};
 use crate::data::{Corpus, Example};
 use crate::metrics::{best_threshold, fit_temperature, roc_auc, Confusion};
-use crate::model::config::LexicalMeta;
+use crate::model::config::{Joins, LexicalMeta};
 use crate::model::{lexical, BertClassifier, BertConfig, Kernels, LexicalModel};
 use crate::tokenize::{LongText, TextEncoder};
 
@@ -57,15 +57,16 @@ pub struct TrainConfig {
 }
 
 /// The lexical stage (`model::lexical`): a logistic regression over hashed words and word pairs
-/// of the training sources' full texts, joined to the transformer on texts longer than the
-/// window by a weight chosen on validation.
+/// of the training sources' full texts, joined to the transformer on the texts `joins` names by
+/// a weight chosen on validation.
 #[derive(Debug, Clone, Serialize)]
 pub struct LexicalConfig {
-    /// Inverse L2 strength (as scikit-learn's `C`): larger fits the training data more closely.
-    pub c: f64,
-    pub buckets: usize,
-    /// Loss weight of the deal class relative to non-deal.
-    pub deal_weight: f64,
+    #[serde(flatten)]
+    pub recipe: lexical::Recipe,
+    pub joins: Joins,
+    /// Also train on the whole articles of the modern training items (`Corpus::train_articles`)
+    /// when the modern source trains.
+    pub articles: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,7 +91,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
 struct Item {
     ids: Vec<u32>,
     deal: bool,
-    /// The text did not fit the window (only these are joined to the lexical stage).
+    /// The text did not fit the window (what `Joins::LongTexts` joins to the lexical stage).
     longer_than_window: bool,
 }
 
@@ -123,7 +124,9 @@ pub struct TrainReport {
 #[derive(Debug, Serialize)]
 pub struct LexicalReport {
     pub config: LexicalConfig,
+    /// Training texts, the articles among them.
     pub train_examples: usize,
+    pub train_articles: usize,
     pub fit: lexical::FitStats,
     pub seconds: f64,
     /// The transformer's share of the combined log-odds is 1 - weight.
@@ -559,21 +562,18 @@ fn lexical_stage(model_dir: &Path, corpus: &Corpus, sources: &[String], lc: &Lex
         .iter()
         .map(|set| set.iter().map(|l| crate::metrics::deal_probability(l, dir.deal_index, dir.temperature)).collect())
         .collect();
-    let (lexical, report) = fit_lexical(corpus, sources, &examples, &transformer, &longer_than_window(&validation), lc)?;
+    let joined: Vec<Vec<bool>> =
+        validation.iter().map(|(_, items)| items.iter().map(|i| lc.joins.includes(i.longer_than_window)).collect()).collect();
+    let (lexical, report) = fit_lexical(corpus, sources, &examples, &transformer, &joined, lc)?;
     write_lexical(model_dir, &lexical, &report, version)?;
     Ok(report)
 }
 
-/// Long validation texts of each class needed to fit the join's temperature (below it, 1).
+/// Joined validation texts of each class needed to fit the join's temperature (below it, 1).
 const MIN_PER_CLASS_FOR_TEMPERATURE: usize = 10;
 
-/// Which validation items are longer than the window, per set.
-fn longer_than_window(validation: &[(&str, Vec<Item>)]) -> Vec<Vec<bool>> {
-    validation.iter().map(|(_, items)| items.iter().map(|i| i.longer_than_window).collect()).collect()
-}
-
-/// Fits the lexical model and chooses how it joins the transformer on texts longer than the
-/// window (`engine::combine`): the weight (0 to 1 in steps of 0.05) maximising the mean
+/// Fits the lexical model and chooses how it joins the transformer on the validation texts
+/// `joined` marks (`engine::combine`): the weight (0 to 1 in steps of 0.05) maximising the mean
 /// validation F1 at its best threshold, then the temperature that calibrates the joined log-odds
 /// of those texts, then the threshold again on the calibrated probabilities of every text.
 /// `transformer` holds the transformer's calibrated first-window probabilities per set.
@@ -582,22 +582,28 @@ fn fit_lexical(
     sources: &[String],
     validation: &[(&str, &[Example])],
     transformer: &[Vec<f32>],
-    long_texts: &[Vec<bool>],
+    joined_texts: &[Vec<bool>],
     lc: &LexicalConfig,
 ) -> Result<(LexicalModel, LexicalReport), TrainError> {
     let started = Instant::now();
-    let train: Vec<&Example> =
-        corpus.train.iter().filter(|(name, _)| sources.iter().any(|s| s == name)).flat_map(|(_, set)| set.iter()).collect();
-    let features: Vec<_> = train.iter().map(|e| lexical::term_counts(e.title.as_deref(), &e.text, lc.buckets)).collect();
+    let articles: &[Example] = if lc.articles && sources.iter().any(|s| s == "modern") { &corpus.train_articles } else { &[] };
+    let train: Vec<&Example> = corpus
+        .train
+        .iter()
+        .filter(|(name, _)| sources.iter().any(|s| s == name))
+        .flat_map(|(_, set)| set.iter())
+        .chain(articles)
+        .collect();
+    let texts: Vec<(Option<&str>, &str)> = train.iter().map(|e| (e.title.as_deref(), e.text.as_str())).collect();
     let truth: Vec<bool> = train.iter().map(|e| e.deal).collect();
-    tracing::info!(examples = train.len(), buckets = lc.buckets, "fitting the lexical model");
-    let (model, fit) = LexicalModel::fit(&features, &truth, lc.buckets, lc.deal_weight, lc.c)?;
+    tracing::info!(examples = train.len(), articles = articles.len(), buckets = lc.recipe.buckets, "fitting the lexical model");
+    let (model, fit) = LexicalModel::fit(&texts, &truth, &lc.recipe)?;
     let lexical_logits: Vec<Vec<f32>> =
         validation.iter().map(|(_, set)| set.iter().map(|e| model.logit(e.title.as_deref(), &e.text)).collect()).collect();
     let truths: Vec<Vec<bool>> = validation.iter().map(|(_, set)| set.iter().map(|e| e.deal).collect()).collect();
-    // As the engine serves it: only long texts have a lexical logit to join.
+    // As the engine serves it: only the texts the stage joins have a lexical logit.
     let join_logits: Vec<Vec<Option<f32>>> =
-        lexical_logits.iter().zip(long_texts).map(|(l, long)| l.iter().zip(long).map(|(&z, &is_long)| is_long.then_some(z)).collect()).collect();
+        lexical_logits.iter().zip(joined_texts).map(|(l, joins)| l.iter().zip(joins).map(|(&z, &j)| j.then_some(z)).collect()).collect();
     let joined = |how: &LexicalMeta| -> Vec<Vec<f32>> {
         transformer
             .iter()
@@ -610,30 +616,31 @@ fn fit_lexical(
         let sets: Vec<(&[f32], &[bool])> = probs.iter().zip(&truths).map(|(p, y)| (p.as_slice(), y.as_slice())).collect();
         best_threshold(&sets)
     };
-    let uncalibrated = |weight| LexicalMeta { weight, temperature: 1.0, threshold: 0.5 };
+    let meta = |weight, temperature| LexicalMeta { weight, temperature, threshold: 0.5, joins: lc.joins, vocabulary: lc.recipe.vocabulary };
+    let uncalibrated = |weight| meta(weight, 1.0);
     let weights_tried: Vec<(f64, f64)> =
         (0..=20).map(|k| k as f64 / 20.0).map(|weight| (weight, best_mean_f1(&joined(&uncalibrated(weight))).1)).collect();
     let weight = weights_tried.iter().fold((0.0, -1.0), |best, &cur| if cur.1 > best.1 { cur } else { best }).0;
-    // Calibrate the joined log-odds of the long texts: as a two-class logit pair [0, z], softmax is sigmoid(z).
+    // Calibrate the joined log-odds of the joined texts: as a two-class logit pair [0, z], softmax is sigmoid(z).
     let raw = joined(&uncalibrated(weight));
-    let long_pairs: Vec<(f32, bool)> = raw
+    let joined_pairs: Vec<(f32, bool)> = raw
         .iter()
         .flatten()
         .zip(truths.iter().flatten())
-        .zip(long_texts.iter().flatten())
-        .filter(|(_, &is_long)| is_long)
+        .zip(joined_texts.iter().flatten())
+        .filter(|(_, &j)| j)
         .map(|((&p, &y), _)| (p, y))
         .collect();
-    let logit_pairs: Vec<Vec<f32>> = long_pairs.iter().map(|&(p, _)| vec![0.0, crate::engine::log_odds(p) as f32]).collect();
-    let long_truth: Vec<bool> = long_pairs.iter().map(|&(_, y)| y).collect();
-    let deals = long_truth.iter().filter(|&&y| y).count();
-    let temperature = if deals.min(long_truth.len() - deals) >= MIN_PER_CLASS_FOR_TEMPERATURE {
-        fit_temperature(&logit_pairs, &long_truth, 1)
+    let logit_pairs: Vec<Vec<f32>> = joined_pairs.iter().map(|&(p, _)| vec![0.0, crate::engine::log_odds(p) as f32]).collect();
+    let joined_truth: Vec<bool> = joined_pairs.iter().map(|&(_, y)| y).collect();
+    let deals = joined_truth.iter().filter(|&&y| y).count();
+    let temperature = if deals.min(joined_truth.len() - deals) >= MIN_PER_CLASS_FOR_TEMPERATURE {
+        fit_temperature(&logit_pairs, &joined_truth, 1)
     } else {
-        tracing::warn!(long_texts = long_truth.len(), deals, "too few long validation texts of each class to fit the join's temperature: using 1");
+        tracing::warn!(joined_texts = joined_truth.len(), deals, "too few joined validation texts of each class to fit the join's temperature: using 1");
         1.0
     };
-    let probs = joined(&LexicalMeta { weight, temperature, threshold: 0.5 });
+    let probs = joined(&meta(weight, temperature));
     let (threshold, _) = best_mean_f1(&probs);
     let report_of = |probs: &[Vec<f32>], threshold: f32| -> Vec<SetReport> {
         validation.iter().zip(probs).zip(&truths).map(|(((name, _), p), y)| set_report(name, p, y, threshold)).collect()
@@ -642,6 +649,7 @@ fn fit_lexical(
     let report = LexicalReport {
         config: lc.clone(),
         train_examples: train.len(),
+        train_articles: articles.len(),
         fit,
         seconds: started.elapsed().as_secs_f64(),
         weight,
@@ -667,7 +675,14 @@ fn write_lexical(dir: &Path, model: &LexicalModel, report: &LexicalReport, versi
         .ok_or_else(|| TrainError::Invalid(format!("{}: no \"dealsift\" section", path.display())))?;
     meta.insert(
         "lexical".into(),
-        serde_json::json!({ "weight": report.weight, "temperature": report.temperature, "threshold": report.threshold }),
+        serde_json::to_value(LexicalMeta {
+            weight: report.weight,
+            temperature: report.temperature,
+            threshold: report.threshold as f64,
+            joins: report.config.joins,
+            vocabulary: report.config.recipe.vocabulary,
+        })
+        .map_err(|e| TrainError::Invalid(e.to_string()))?,
     );
     if let Some(version) = version {
         meta.insert("version".into(), serde_json::json!(version));

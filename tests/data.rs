@@ -113,6 +113,15 @@ fn corpus_keeps_test_texts_out_of_training() {
     };
     assert_eq!(validated(&["reuters", "twitter", "modern"]), ["reuters", "twitter", "modern"]);
     assert_eq!(validated(&["reuters", "twitter", "modern", "headlines"]), ["reuters", "twitter", "modern", "headlines"]);
+
+    // The lexical stage's articles are the whole texts of modern training items, with their labels.
+    let modern_train: std::collections::HashMap<&str, bool> =
+        corpus.train.iter().filter(|(n, _)| *n == "modern").flat_map(|(_, s)| s.iter().map(|e| (e.id.as_str(), e.deal))).collect();
+    assert!(corpus.train_articles.len() > 500, "{} articles", corpus.train_articles.len());
+    for article in &corpus.train_articles {
+        assert!(article.id.starts_with("wikinews-econ-") && !article.text.trim().is_empty(), "{}", article.id);
+        assert_eq!(modern_train.get(article.id.as_str()), Some(&article.deal), "{}: a modern training item, same label", article.id);
+    }
 }
 
 #[derive(serde::Deserialize)]

@@ -338,16 +338,16 @@ async fn load_generator_drives_the_server_closed_and_open_loop() {
 }
 
 /// A model directory with a lexical stage (`dealsift.lexical` and `lexical.safetensors`) is
-/// served as configured: the probability of a text longer than the window is `engine::combine`
-/// of the transformer's own (from the same directory without the stage) and the lexical logit,
-/// a shorter text keeps the transformer's, in every long-text mode (truncated, or read in several
-/// windows), and the stage's threshold decides the label; without its weights file the directory
-/// is refused by name.
+/// served as configured: the probability of a text the stage joins (with `long-texts`, those
+/// longer than the window; with `all-texts`, every one) is `engine::combine` of the transformer's
+/// own (from the same directory without the stage) and the lexical logit, any other text keeps
+/// the transformer's, in every long-text mode (truncated, or read in several windows), and the
+/// stage's threshold decides the label; without its weights file the directory is refused by name.
 #[tokio::test]
 async fn lexical_stage_is_served_as_configured() {
     use dealsift::engine::{combine, Admission, Doc, ModelDir, Options};
-    use dealsift::model::config::LexicalMeta;
-    use dealsift::model::lexical::{term_counts, FILE};
+    use dealsift::model::config::{Joins, LexicalMeta};
+    use dealsift::model::lexical::{Recipe, Vocabulary, FILE};
     use dealsift::model::LexicalModel;
     use dealsift::tokenize::LongText;
     let long_deal = "Acme agrees to buy Widget Co. ".repeat(40);
@@ -371,29 +371,35 @@ async fn lexical_stage_is_served_as_configured() {
         let entry = entry.unwrap();
         std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
     }
-    let how = LexicalMeta { weight: 0.5, temperature: 2.0, threshold: 0.4 };
-    let mut model_config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    model_config["dealsift"]["lexical"] = serde_json::to_value(how).unwrap();
-    std::fs::write(dir.join("config.json"), model_config.to_string()).unwrap();
+    let recipe = Recipe { buckets: 1 << 10, vocabulary: Vocabulary::ContentWords, deal_weight: 1.0, c: 10.0 };
+    let write_meta = |how: &LexicalMeta| {
+        let mut model_config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+        model_config["dealsift"]["lexical"] = serde_json::to_value(how).unwrap();
+        std::fs::write(dir.join("config.json"), model_config.to_string()).unwrap();
+    };
+    let long_texts = LexicalMeta { weight: 0.5, temperature: 2.0, threshold: 0.4, joins: Joins::LongTexts, vocabulary: recipe.vocabulary };
+    write_meta(&long_texts);
     let missing = ModelDir::open(&dir, Some(128)).unwrap_err().to_string();
     assert!(missing.contains(FILE) && missing.contains("remove dealsift.lexical"), "{missing}");
 
-    let buckets = 1 << 10;
-    let docs: Vec<_> = texts.iter().map(|t| term_counts(None, t, buckets)).collect();
-    let (lexical, _) = LexicalModel::fit(&docs, &[true, false, true, false, true, false], buckets, 1.0, 10.0).unwrap();
+    let docs: Vec<(Option<&str>, &str)> = texts.iter().map(|&t| (None, t)).collect();
+    let (lexical, _) = LexicalModel::fit(&docs, &[true, false, true, false, true, false], &recipe).unwrap();
     lexical.save(&dir.join(FILE)).unwrap();
-    for mode in [LongText::Truncate, LongText::ChunkMax] {
-        let (alone, _) = score(fixture_dir(), mode).await;
-        let (joined, threshold) = score(dir.clone(), mode).await;
-        assert_eq!(threshold, 0.4, "the stage's threshold is the default");
-        for ((text, alone), joined) in texts.iter().zip(&alone).zip(&joined) {
-            let long = alone.truncated || alone.chunks > 1;
-            assert_eq!(long, text.len() > 100, "{mode:?}, {text}: only the repeated texts exceed the window");
-            let expected = if long { combine(alone.deal_probability, lexical.logit(None, text), &how) } else { alone.deal_probability };
-            assert!((joined.deal_probability - expected).abs() < 1e-5, "{mode:?}, {text}: {} against {expected}", joined.deal_probability);
-            assert_eq!(joined.label == Label::Deal as i32, joined.deal_probability >= 0.4, "{text}");
-            let total: f32 = joined.scores.iter().map(|s| s.score).sum();
-            assert!((total - 1.0).abs() < 1e-5, "{text}: scores sum to {total}");
+    for how in [long_texts, LexicalMeta { joins: Joins::AllTexts, ..long_texts }] {
+        write_meta(&how);
+        for mode in [LongText::Truncate, LongText::ChunkMax] {
+            let (alone, _) = score(fixture_dir(), mode).await;
+            let (joined, threshold) = score(dir.clone(), mode).await;
+            assert_eq!(threshold, 0.4, "the stage's threshold is the default");
+            for ((text, alone), joined) in texts.iter().zip(&alone).zip(&joined) {
+                let long = alone.truncated || alone.chunks > 1;
+                assert_eq!(long, text.len() > 100, "{mode:?}, {text}: only the repeated texts exceed the window");
+                let expected = if how.joins.includes(long) { combine(alone.deal_probability, lexical.logit(None, text), &how) } else { alone.deal_probability };
+                assert!((joined.deal_probability - expected).abs() < 1e-5, "{how:?}, {mode:?}, {text}: {} against {expected}", joined.deal_probability);
+                assert_eq!(joined.label == Label::Deal as i32, joined.deal_probability >= 0.4, "{text}");
+                let total: f32 = joined.scores.iter().map(|s| s.score).sum();
+                assert!((total - 1.0).abs() < 1e-5, "{text}: scores sum to {total}");
+            }
         }
     }
     std::fs::remove_dir_all(&dir).unwrap();

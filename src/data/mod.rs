@@ -102,6 +102,10 @@ pub struct Corpus {
     pub test: Sets,
     pub validation: Sets,
     pub train: Sets,
+    /// Whole articles of the modern training items that have one ([`modern::articles`]): long
+    /// modern prose for the lexical stage, which reads whole texts; not for the transformer,
+    /// which reads the first window of each, about what the item's headline says.
+    pub train_articles: Vec<Example>,
 }
 
 /// Permille of the Reuters and twitter training files carved out for validation.
@@ -163,7 +167,11 @@ impl Corpus {
             ("funding", funding::load(data_dir)?),
             ("headlines", headlines_train),
         ]);
-        Ok(Self { test, validation, train })
+        // Only of items that stayed in training (not dropped as a held-out text's duplicate).
+        let modern_train: HashSet<&str> =
+            train.iter().filter(|(name, _)| *name == "modern").flat_map(|(_, set)| set.iter().map(|e| e.id.as_str())).collect();
+        let train_articles = modern::articles(&rows, data_dir, Split::Train)?.into_iter().filter(|a| modern_train.contains(a.id.as_str())).collect();
+        Ok(Self { test, validation, train, train_articles })
     }
 
     /// The validation sets of a model trained on `sources`: the pools' carve-outs always, since

@@ -77,7 +77,7 @@ pub fn read_pools(data_dir: &Path) -> Result<HashMap<String, String>, DataError>
         "wiki-current-events/business_sci_tech_2015_2021.jsonl",
         "twitter-financial-news-sentiment/tweets.jsonl",
         "uci-news-aggregator-2014/business_scitech_headlines.jsonl",
-        "wikinews-economy/economy_and_business.jsonl",
+        ARTICLES,
     ] {
         for item in super::read_jsonl::<Item>(&data_dir.join(file))? {
             texts.insert(item.id, item.headline.replace("&amp;", "&"));
@@ -87,6 +87,33 @@ pub fn read_pools(data_dir: &Path) -> Result<HashMap<String, String>, DataError>
         texts.insert(ex.id, ex.text);
     }
     Ok(texts)
+}
+
+/// The pool that holds whole articles (headline and body) beside its headlines.
+const ARTICLES: &str = "wikinews-economy/economy_and_business.jsonl";
+
+/// The whole articles (headline as title, body as text) of the Wikinews items labelled in
+/// `split`, each with its item's label. The label was given to the headline; an article whose
+/// headline reports a deal reports it, and one whose headline does not seldom does (its body may
+/// mention a deal in passing), so this is weaker supervision than the headlines'. Articles with
+/// an empty body are skipped.
+pub fn articles(rows: &[LabelRow], data_dir: &Path, split: Split) -> Result<Vec<Example>, DataError> {
+    #[derive(Deserialize)]
+    struct Article {
+        id: String,
+        headline: String,
+        text: Option<String>,
+    }
+    let labelled: HashMap<&str, &LabelRow> = rows.iter().filter(|r| r.split() == Some(split)).map(|r| (r.id.as_str(), r)).collect();
+    Ok(super::read_jsonl::<Article>(&data_dir.join(ARTICLES))?
+        .into_iter()
+        .filter_map(|a| {
+            let row = labelled.get(a.id.as_str())?;
+            let text = a.text.filter(|t| !t.trim().is_empty())?.replace("&amp;", "&").replace("&quot;", "\"");
+            let title = Some(a.headline.replace("&amp;", "&"));
+            Some(Example { id: a.id, title, text, deal: row.label == "DEAL", subtype: Some(row.subtype.clone()) })
+        })
+        .collect())
 }
 
 /// The labelled examples of `split`, texts taken from `pools` (see [`read_pools`]). Fails if

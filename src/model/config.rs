@@ -7,6 +7,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ModelError;
+use crate::model::lexical::Vocabulary;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BertConfig {
@@ -53,16 +54,15 @@ pub struct ServingMeta {
     /// Window the model was trained for, special tokens included.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_sequence_length: Option<usize>,
-    /// How the whole-document lexical model (`lexical.safetensors`) joins the transformer on
-    /// texts longer than the window.
+    /// How the whole-document lexical model (`lexical.safetensors`) joins the transformer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lexical: Option<LexicalMeta>,
 }
 
-/// For a text longer than the window, the deal probability is
+/// For a text the stage joins (`joins`), the deal probability is
 /// sigmoid(((1 - weight) * z_transformer + weight * z_lexical) / temperature), with z_transformer
 /// the transformer's temperature-scaled deal log-odds (of its first window, or of the windows'
-/// aggregate when chunking; the join is fit on first windows); shorter texts keep the
+/// aggregate when chunking; the join is fit on first windows); other texts keep the
 /// transformer's probability. All three numbers are fit on validation data; `threshold` is the
 /// default for every text when the stage is served, so `dealsift.threshold` stays the
 /// transformer's (what a server without this stage applies).
@@ -71,6 +71,30 @@ pub struct LexicalMeta {
     pub weight: f64,
     pub temperature: f64,
     pub threshold: f64,
+    /// Absent in 1.7.0's config: long texts only.
+    #[serde(default)]
+    pub joins: Joins,
+    /// The words the lexical model was trained on (absent: all words).
+    #[serde(default)]
+    pub vocabulary: Vocabulary,
+}
+
+/// Which texts the lexical stage joins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Joins {
+    /// Texts longer than the window (truncated, or read in several windows): the bag of words
+    /// reads what the transformer cannot.
+    #[default]
+    LongTexts,
+    /// Every text.
+    AllTexts,
+}
+
+impl Joins {
+    pub fn includes(self, longer_than_window: bool) -> bool {
+        self == Joins::AllTexts || longer_than_window
+    }
 }
 
 fn default_act() -> String {

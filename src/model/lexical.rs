@@ -1,12 +1,13 @@
 //! A bag-of-words logistic regression that reads the whole document, combined with the
-//! transformer's calibrated logit for texts longer than the window (`engine::combine`).
+//! transformer's calibrated logit (`engine::combine`) on the texts `dealsift.lexical.joins` names.
 //!
 //! Why: by default the transformer reads the first window only (128 tokens), so a newswire story
 //! whose lead is about something else hides its deal; a linear model over words and word pairs
-//! reads all of it, cheaply (microseconds per document). Texts that fit the window are left to
-//! the transformer: on a single paragraph of modern prose the bag of words is mostly prior.
+//! reads all of it, cheaply (microseconds per document), and is a second, differently wrong
+//! opinion on short texts too.
 //! Features are hashed unigrams and bigrams of lower-cased words (runs of Unicode letters and
-//! digits, two characters or more), weighted 1 + ln(tf) times a smoothed IDF and L2-normalised;
+//! digits, two characters or more; function words dropped first under
+//! [`Vocabulary::ContentWords`]), weighted 1 + ln(tf) times a smoothed IDF and L2-normalised;
 //! buckets seen in fewer than two training documents get IDF 0, so words the model has no
 //! weight for do not dilute the ones it has (at serving time as in training). The same code
 //! computes the features when training and serving; the weights, IDFs and bias are stored.
@@ -15,6 +16,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
 
 use crate::error::ModelError;
 use crate::fnv;
@@ -28,11 +30,53 @@ pub const DEFAULT_BUCKETS: usize = 1 << 18;
 /// A sparse feature vector: (bucket, value), buckets ascending and distinct.
 pub type Features = Vec<(u32, f32)>;
 
+/// Which words become features (recorded in `dealsift.lexical.vocabulary`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Vocabulary {
+    /// Every word (1.7.0's stage).
+    #[default]
+    AllWords,
+    /// Without the function words of [`FUNCTION_WORDS`]: they mark a text's genre (long
+    /// newswire prose) rather than a deal, and taught the model that any paragraph of prose
+    /// leans non-deal (MODEL_CARD.md).
+    ContentWords,
+}
+
+/// English articles, pronouns, auxiliaries, prepositions, conjunctions and a few adverbs,
+/// sorted. Deliberately not here: negations ("not", "no"), particles of phrasal verbs that name
+/// deals ("buy out", "take over", "snap up", "spin off"), "us" (the U.S.) and "may" (the month).
+pub const FUNCTION_WORDS: [&str; 143] = [
+    "about", "above", "across", "after", "again", "against", "all", "also", "although", "am", "among", "an", "and",
+    "another", "any", "are", "around", "as", "at", "be", "because", "been", "before", "behind", "being", "below",
+    "between", "beyond", "both", "but", "by", "can", "could", "did", "do", "does", "doing", "during", "each",
+    "either", "every", "from", "further", "had", "has", "have", "having", "he", "her", "here", "hers", "herself",
+    "him", "himself", "his", "how", "if", "in", "into", "is", "it", "its", "itself", "just", "me", "might", "mine",
+    "must", "my", "myself", "near", "neither", "of", "on", "once", "only", "onto", "or", "other", "our", "ours",
+    "ourselves", "own", "per", "same", "shall", "she", "should", "since", "so", "some", "such", "than", "that", "the",
+    "their", "theirs", "them", "themselves", "then", "there", "these", "they", "this", "those", "though", "through",
+    "to", "too", "toward", "towards", "under", "unless", "until", "upon", "very", "via", "was", "we", "were", "what",
+    "whatever", "when", "where", "whether", "which", "while", "who", "whoever", "whom", "whose", "why", "will",
+    "with", "within", "without", "would", "yet", "you", "your", "yours", "yourself", "yourselves",
+];
+
+/// How the stage turns a text into features, and how its logistic regression is fit.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Recipe {
+    pub buckets: usize,
+    pub vocabulary: Vocabulary,
+    /// Loss weight of the deal class relative to non-deal.
+    pub deal_weight: f64,
+    /// Inverse L2 strength (as scikit-learn's `C`): larger fits the training data more closely.
+    pub c: f64,
+}
+
 #[derive(Debug, Clone)]
 pub struct LexicalModel {
     weights: Vec<f32>,
     idf: Vec<f32>,
     bias: f32,
+    vocabulary: Vocabulary,
 }
 
 /// Buckets in fewer training documents than this get IDF 0 (scikit-learn's `min_df`).
@@ -47,19 +91,22 @@ pub struct FitStats {
     pub converged: bool,
 }
 
-/// Lower-cased words of two characters or more (letters and digits; everything else separates).
-fn words(text: &str) -> Vec<String> {
+/// Lower-cased words of two characters or more (letters and digits; everything else separates),
+/// without the function words when `vocabulary` says so.
+fn words(text: &str, vocabulary: Vocabulary) -> Vec<String> {
     text.split(|c: char| !c.is_alphanumeric())
         .filter(|w| w.chars().nth(1).is_some())
         .map(str::to_lowercase)
+        .filter(|w| vocabulary == Vocabulary::AllWords || FUNCTION_WORDS.binary_search(&w.as_str()).is_err())
         .collect()
 }
 
 /// Raw term counts per bucket of the document's unigrams and bigrams (the title, when given,
-/// is read before the body, as the transformer reads it).
-pub fn term_counts(title: Option<&str>, text: &str, buckets: usize) -> Features {
-    let mut tokens = title.map(words).unwrap_or_default();
-    tokens.extend(words(text));
+/// is read before the body, as the transformer reads it). A dropped function word does not
+/// break a pair: "stake in Acme" pairs "stake" with "acme".
+pub fn term_counts(title: Option<&str>, text: &str, buckets: usize, vocabulary: Vocabulary) -> Features {
+    let mut tokens = title.map(|t| words(t, vocabulary)).unwrap_or_default();
+    tokens.extend(words(text, vocabulary));
     let mut counts: HashMap<u32, f32> = HashMap::new();
     let mut previous: Option<u64> = None;
     for w in &tokens {
@@ -93,11 +140,12 @@ impl LexicalModel {
 
     /// The model's logit (log-odds of a deal) for one document.
     pub fn logit(&self, title: Option<&str>, text: &str) -> f32 {
-        let x = weigh(&term_counts(title, text, self.buckets()), &self.idf);
+        let x = weigh(&term_counts(title, text, self.buckets(), self.vocabulary), &self.idf);
         self.bias + x.iter().map(|&(b, v)| v * self.weights[b as usize]).sum::<f32>()
     }
 
-    pub fn load(path: &Path) -> Result<Self, ModelError> {
+    /// Loads the weights of a model whose features were made with `vocabulary`.
+    pub fn load(path: &Path, vocabulary: Vocabulary) -> Result<Self, ModelError> {
         let tensors = candle_core::safetensors::load(path, &Device::Cpu)
             .map_err(|e| ModelError::Invalid(format!("{}: {e}", path.display())))?;
         let get = |name: &str| -> Result<Vec<f32>, ModelError> {
@@ -117,7 +165,7 @@ impl LexicalModel {
         if weights.iter().chain(&idf).chain(&bias).any(|v| !v.is_finite()) {
             return Err(ModelError::Invalid(format!("{}: non-finite values", path.display())));
         }
-        Ok(Self { weights, idf, bias: bias[0] })
+        Ok(Self { weights, idf, bias: bias[0], vocabulary })
     }
 
     pub fn save(&self, path: &Path) -> Result<(), ModelError> {
@@ -131,24 +179,26 @@ impl LexicalModel {
         Ok(())
     }
 
-    /// Fits the model on term counts (from [`term_counts`] with the same `buckets`) by L-BFGS
-    /// on the class-weighted, L2-regularised log loss: sum of weight_i * loss_i + |w|^2 / (2 * c),
-    /// the bias unregularised. Deterministic: one thread, fixed order.
-    pub fn fit(docs: &[Features], deal: &[bool], buckets: usize, deal_weight: f64, c: f64) -> Result<(Self, FitStats), ModelError> {
-        if docs.len() != deal.len() || !deal.contains(&true) || !deal.contains(&false) {
+    /// Fits the model on `texts` (title, body) by L-BFGS on the class-weighted, L2-regularised
+    /// log loss: sum of weight_i * loss_i + |w|^2 / (2 * c), the bias unregularised.
+    /// Deterministic: one thread, fixed order.
+    pub fn fit(texts: &[(Option<&str>, &str)], deal: &[bool], recipe: &Recipe) -> Result<(Self, FitStats), ModelError> {
+        let Recipe { buckets, vocabulary, deal_weight, c } = *recipe;
+        if texts.len() != deal.len() || !deal.contains(&true) || !deal.contains(&false) {
             return Err(ModelError::Invalid(format!(
                 "the lexical model needs one label per document and both classes; got {} documents, {} labels, {} deals",
-                docs.len(),
+                texts.len(),
                 deal.len(),
                 deal.iter().filter(|&&d| d).count()
             )));
         }
-        if let Some(&(b, _)) = docs.iter().flatten().find(|&&(b, _)| b as usize >= buckets) {
-            return Err(ModelError::Invalid(format!("feature bucket {b} is outside the model's {buckets} buckets")));
+        if buckets == 0 {
+            return Err(ModelError::Invalid("the lexical model needs at least one hash bucket".into()));
         }
+        let docs: Vec<Features> = texts.iter().map(|&(title, text)| term_counts(title, text, buckets, vocabulary)).collect();
         let n = docs.len() as f64;
         let mut df = vec![0u32; buckets];
-        for d in docs {
+        for d in &docs {
             d.iter().for_each(|&(b, _)| df[b as usize] += 1);
         }
         let idf: Vec<f32> = df
@@ -177,7 +227,8 @@ impl LexicalModel {
             loss + w.iter().map(|v| v * v).sum::<f64>() / (2.0 * c)
         };
         let (theta, stats) = lbfgs(objective, buckets + 1, 1000);
-        Ok((Self { weights: theta[..buckets].iter().map(|&v| v as f32).collect(), idf, bias: theta[buckets] as f32 }, stats))
+        let weights = theta[..buckets].iter().map(|&v| v as f32).collect();
+        Ok((Self { weights, idf, bias: theta[buckets] as f32, vocabulary }, stats))
     }
 }
 
@@ -256,12 +307,23 @@ mod tests {
 
     #[test]
     fn features_are_stable_words_and_pairs() {
-        let a = term_counts(Some("Acme to BUY"), "Widgets, a unit!", DEFAULT_BUCKETS);
-        let b = term_counts(None, "acme to buy widgets a unit", DEFAULT_BUCKETS);
+        let a = term_counts(Some("Acme to BUY"), "Widgets, a unit!", DEFAULT_BUCKETS, Vocabulary::AllWords);
+        let b = term_counts(None, "acme to buy widgets a unit", DEFAULT_BUCKETS, Vocabulary::AllWords);
         // Punctuation, case and the title boundary do not matter; one-letter words are dropped,
         // so both read: acme to buy widgets unit (5 words, 4 pairs).
         assert_eq!(a, b);
         assert_eq!(a.iter().map(|(_, c)| c).sum::<f32>(), 9.0);
+    }
+
+    #[test]
+    fn content_words_drop_function_words_and_pair_across_them() {
+        let content = |t| term_counts(None, t, DEFAULT_BUCKETS, Vocabulary::ContentWords);
+        // "to" and "the" go; "buy" and "acme" then make a pair, as in "buy Acme".
+        assert_eq!(content("Widget Co to buy the Acme unit"), content("widget co buy acme unit"));
+        // Negations and deal particles stay.
+        assert_ne!(content("not in talks to buy out"), content("talks buy"));
+        assert!(FUNCTION_WORDS.windows(2).all(|w| w[0] < w[1]), "sorted, for binary search");
+        assert!(FUNCTION_WORDS.iter().all(|w| w.len() > 1 && *w == w.to_lowercase()), "as `words` makes them");
     }
 
     #[test]
@@ -275,10 +337,10 @@ mod tests {
             ("Bank profit falls after weak results", false),
             ("Startup profit rises on demand", false),
         ];
-        let buckets = 1 << 12;
-        let docs: Vec<Features> = texts.iter().map(|(t, _)| term_counts(None, t, buckets)).collect();
+        let recipe = Recipe { buckets: 1 << 12, vocabulary: Vocabulary::ContentWords, deal_weight: 1.0, c: 10.0 };
+        let docs: Vec<(Option<&str>, &str)> = texts.iter().map(|&(t, _)| (None, t)).collect();
         let truth: Vec<bool> = texts.iter().map(|(_, y)| *y).collect();
-        let (model, stats) = LexicalModel::fit(&docs, &truth, buckets, 1.0, 10.0).unwrap();
+        let (model, stats) = LexicalModel::fit(&docs, &truth, &recipe).unwrap();
         assert!(stats.converged, "{stats:?}");
         for (text, deal) in texts {
             assert_eq!(model.logit(None, text) > 0.0, deal, "{text}: {}", model.logit(None, text));
@@ -286,10 +348,10 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("dealsift-lexical-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         model.save(&dir.join(FILE)).unwrap();
-        let loaded = LexicalModel::load(&dir.join(FILE)).unwrap();
+        let loaded = LexicalModel::load(&dir.join(FILE), Vocabulary::ContentWords).unwrap();
         assert_eq!(loaded.logit(None, texts[0].0), model.logit(None, texts[0].0));
         std::fs::remove_dir_all(&dir).unwrap();
-        assert!(LexicalModel::fit(&docs, &[true; 6], buckets, 1.0, 10.0).is_err(), "one class only");
+        assert!(LexicalModel::fit(&docs, &[true; 6], &recipe).is_err(), "one class only");
     }
 
     #[test]
