@@ -209,7 +209,7 @@ struct TrainArgs {
     max_steps: Option<usize>,
     #[arg(long, default_value = "dealsift-minilm-l6")]
     model_id: String,
-    #[arg(long, default_value = "1.7.0")]
+    #[arg(long, default_value = "1.8.0")]
     version: String,
     /// CPU threads (default: all cores).
     #[arg(long, env = "DEALSIFT_THREADS")]
@@ -220,18 +220,17 @@ struct TrainArgs {
     /// Hash buckets of the lexical model's words and word pairs.
     #[arg(long, default_value_t = dealsift::model::lexical::DEFAULT_BUCKETS)]
     lexical_buckets: usize,
-    /// Which texts the lexical stage joins.
-    #[arg(long, value_enum, default_value = "long-texts")]
+    /// Which texts the lexical stage joins (1.7.0: long-texts).
+    #[arg(long, value_enum, default_value = "all-texts")]
     lexical_joins: JoinsArg,
-    /// Which words the lexical model reads.
-    #[arg(long, value_enum, default_value = "all-words")]
+    /// Which words the lexical model reads (1.7.0: all-words).
+    #[arg(long, value_enum, default_value = "content-words")]
     lexical_vocabulary: VocabularyArg,
     /// Also train the lexical model on the whole Wikinews articles of the labelled modern
-    /// training items (when the modern source trains).
-    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    /// training items, when the modern source trains (1.7.0: false).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     lexical_articles: bool,
-    /// Train the transformer alone, without the lexical stage that reads texts longer than the
-    /// window (see the model card's "The lexical stage for long texts").
+    /// Train the transformer alone, without the lexical stage (see the model card's "Model").
     #[arg(long)]
     no_lexical: bool,
     /// Keep the transformer already in --out and fit only the lexical model and how it joins

@@ -10,6 +10,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::engine::{Admission, Doc, Engine, EngineError, Options};
 use crate::error::BackendError;
+use crate::model::config::Joins;
 use crate::proto::{
     self, classify_stream_response::Outcome, deal_classifier_server::DealClassifier, ClassifyRequest, ClassifyResponse,
     ClassifyStreamRequest, ClassifyStreamResponse, GetModelInfoRequest, ItemError, ModelInfo,
@@ -278,6 +279,7 @@ fn model_info(engine: &Engine, limits: &Limits) -> ModelInfo {
         buckets,
         executors: batcher.executors() as u32,
         lexical_stage: engine.model.lexical.is_some(),
+        lexical_joins_all_texts: engine.model.lexical.as_ref().is_some_and(|(_, how)| how.joins == Joins::AllTexts),
     }
 }
 

@@ -144,7 +144,7 @@ async fn health_goes_from_not_serving_to_serving() {
     assert_eq!(info.backend, "cpu");
     assert_eq!(info.max_sequence_length, 128);
     assert_eq!(info.executors, 1);
-    assert!(!info.lexical_stage, "the fixture has no lexical stage");
+    assert!(!info.lexical_stage && !info.lexical_joins_all_texts, "the fixture has no lexical stage");
     assert_eq!(info.limits.unwrap().max_documents_per_request, 64);
     server.stop().await.unwrap();
 }
