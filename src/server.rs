@@ -148,8 +148,8 @@ where
         loader_state.set_engine(engine.clone());
         loader_reporter.set_serving::<DealClassifierServer<DealService>>().await;
         loader_reporter.set_service_status("", ServingStatus::Serving).await;
-        let lexical_weight = engine.model.lexical.as_ref().map(|(_, how)| how.weight);
-        tracing::info!(model = %engine.model.model_id, version = %engine.model.version, backend = engine.batcher().info().name, threshold = engine.model.threshold, ?lexical_weight, "serving");
+        let lexical = engine.model.lexical.as_ref().map(|(_, how)| (how.joins, how.weight));
+        tracing::info!(model = %engine.model.model_id, version = %engine.model.version, backend = engine.batcher().info().name, threshold = engine.model.threshold, ?lexical, "serving");
     });
 
     let fatal_state = state.clone();
