@@ -17,6 +17,7 @@ use crate::backend::Backend;
 use crate::batcher::{Batcher, BatcherConfig};
 use crate::engine::{Admission, Doc, Engine, ModelDir, Options};
 use crate::error::{BackendError, ModelError};
+use crate::model::config::Joins;
 use crate::proto::deal_classifier_server::DealClassifierServer;
 use crate::service::{DealService, Limits, State};
 use crate::tokenize::{LongText, TextEncoder};
@@ -82,8 +83,9 @@ pub fn start_engine(
 ) -> Result<Engine, ModelError> {
     let max_seq = executors.first().map(|e| e.info().shapes.max_seq()).unwrap_or(0);
     let window = model.window.min(max_seq);
-    if let (Some(_), Some(trained)) = (&model.lexical, model.config.dealsift.max_sequence_length) {
-        if window < trained {
+    if let (Some((_, how)), Some(trained)) = (&model.lexical, model.config.dealsift.max_sequence_length) {
+        // A stage joined to every text does not depend on the window.
+        if how.joins == Joins::LongTexts && window < trained {
             tracing::warn!(window, trained, "serving a shorter window than the model was trained for: texts between the two lengths are joined to the lexical stage, whose weight and threshold were fit without them");
         }
     }

@@ -342,7 +342,8 @@ async fn load_generator_drives_the_server_closed_and_open_loop() {
 /// longer than the window; with `all-texts`, every one) is `engine::combine` of the transformer's
 /// own (from the same directory without the stage) and the lexical logit, any other text keeps
 /// the transformer's, in every long-text mode (truncated, or read in several windows), and the
-/// stage's threshold decides the label; without its weights file the directory is refused by name.
+/// stage's threshold decides the label, and `GetModelInfo` says which texts are joined; without
+/// its weights file the directory is refused by name.
 #[tokio::test]
 async fn lexical_stage_is_served_as_configured() {
     use dealsift::engine::{combine, Admission, Doc, ModelDir, Options};
@@ -402,5 +403,20 @@ async fn lexical_stage_is_served_as_configured() {
             }
         }
     }
+    // The directory now joins every text: GetModelInfo says so.
+    let load = {
+        let (dir, batcher) = (dir.clone(), config().batcher);
+        move |on_fatal| {
+            let model = ModelDir::open(&dir, Some(128))?;
+            let cpu = dealsift::backend::cpu::CpuBackend::load(&dir, &model.config, batcher.max_batch_size, model.window, Default::default())?;
+            dealsift::server::start_engine(model, vec![Box::new(cpu)], batcher, 8, on_fatal)
+        }
+    };
+    let server = TestServer::start(config(), load).await;
+    server.wait_serving().await;
+    let info = server.client().await.get_model_info(GetModelInfoRequest {}).await.unwrap().into_inner();
+    assert!(info.lexical_stage && info.lexical_joins_all_texts, "{info:?}");
+    assert_eq!(info.default_threshold, 0.4);
+    server.stop().await.unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }

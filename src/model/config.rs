@@ -67,6 +67,8 @@ pub struct ServingMeta {
 /// default for every text when the stage is served, so `dealsift.threshold` stays the
 /// transformer's (what a server without this stage applies).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+// A field this build does not know would change how the stage must be served: refuse it.
+#[serde(deny_unknown_fields)]
 pub struct LexicalMeta {
     pub weight: f64,
     pub temperature: f64,
@@ -170,5 +172,21 @@ impl BertConfig {
             .iter()
             .position(|l| l.eq_ignore_ascii_case(wanted))
             .ok_or_else(|| ModelError::Invalid(format!("id2label has no label named {wanted:?} (set dealsift.deal_label)")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lexical_meta_reads_older_configs_and_refuses_unknown_fields() {
+        // 1.7.0's config.json: no joins or vocabulary, so long texts and every word.
+        let older: LexicalMeta = serde_json::from_str(r#"{"weight": 0.35, "temperature": 0.9, "threshold": 0.47}"#).unwrap();
+        assert_eq!((older.joins, older.vocabulary), (Joins::LongTexts, Vocabulary::AllWords));
+        let current: LexicalMeta =
+            serde_json::from_str(r#"{"weight": 0.6, "temperature": 0.7, "threshold": 0.34, "joins": "all-texts", "vocabulary": "content-words"}"#).unwrap();
+        assert_eq!((current.joins, current.vocabulary), (Joins::AllTexts, Vocabulary::ContentWords));
+        assert!(serde_json::from_str::<LexicalMeta>(r#"{"weight": 0.6, "temperature": 0.7, "threshold": 0.34, "stemming": true}"#).is_err());
     }
 }

@@ -104,7 +104,7 @@ fn words(text: &str, vocabulary: Vocabulary) -> Vec<String> {
 /// Raw term counts per bucket of the document's unigrams and bigrams (the title, when given,
 /// is read before the body, as the transformer reads it). A dropped function word does not
 /// break a pair: "stake in Acme" pairs "stake" with "acme".
-pub fn term_counts(title: Option<&str>, text: &str, buckets: usize, vocabulary: Vocabulary) -> Features {
+fn term_counts(title: Option<&str>, text: &str, buckets: usize, vocabulary: Vocabulary) -> Features {
     let mut tokens = title.map(|t| words(t, vocabulary)).unwrap_or_default();
     tokens.extend(words(text, vocabulary));
     let mut counts: HashMap<u32, f32> = HashMap::new();
