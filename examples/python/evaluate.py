@@ -37,6 +37,17 @@ def roc_auc(scores, truth):
     return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
 
 
+def counts_and_f1(scores, truth, threshold):
+    """TP, FP, FN, precision, recall and F1 of labelling a deal where score >= threshold."""
+    predicted = [s >= threshold for s in scores]
+    tp = sum(p and t for p, t in zip(predicted, truth))
+    fp = sum(p and not t for p, t in zip(predicted, truth))
+    fn = sum(t and not p for p, t in zip(predicted, truth))
+    precision, recall = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
+    f1 = 2 * precision * recall / max(precision + recall, 1e-12)
+    return tp, fp, fn, precision, recall, f1
+
+
 def main():
     address, path = sys.argv[1], sys.argv[2]
     sets = defaultdict(list)
@@ -56,12 +67,7 @@ def main():
             response = stub.Classify(dealsift_pb2.ClassifyRequest(documents=docs), timeout=120)
             scores.extend(r.deal_probability for r in response.results)
         truth = [bool(x["deal"]) for x in examples]
-        predicted = [s >= info.default_threshold for s in scores]
-        tp = sum(p and t for p, t in zip(predicted, truth))
-        fp = sum(p and not t for p, t in zip(predicted, truth))
-        fn = sum(t and not p for p, t in zip(predicted, truth))
-        precision, recall = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
-        f1 = 2 * precision * recall / max(precision + recall, 1e-12)
+        tp, fp, fn, precision, recall, f1 = counts_and_f1(scores, truth, info.default_threshold)
         print(f"{name}: n {len(examples)} deals {sum(truth)}  P {precision:.4f} R {recall:.4f} F1 {f1:.4f} "
               f"AUC {roc_auc(scores, truth):.4f}  (TP {tp} FP {fp} FN {fn})")
 

@@ -28,7 +28,7 @@ pub const FILE: &str = "lexical.safetensors";
 pub const DEFAULT_BUCKETS: usize = 1 << 18;
 
 /// A sparse feature vector: (bucket, value), buckets ascending and distinct.
-pub type Features = Vec<(u32, f32)>;
+type Features = Vec<(u32, f32)>;
 
 /// Which words become features (recorded in `dealsift.lexical.vocabulary`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

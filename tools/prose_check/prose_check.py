@@ -19,6 +19,7 @@ import grpc
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "examples", "python"))
 from dealsift.v1 import dealsift_pb2, dealsift_pb2_grpc  # noqa: E402
+from evaluate import counts_and_f1  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 
@@ -47,14 +48,12 @@ def main():
     info = stub.GetModelInfo(dealsift_pb2.GetModelInfoRequest())
     docs = [dealsift_pb2.Document(id=i, text=t) for i, t, _ in items]
     response = stub.Classify(dealsift_pb2.ClassifyRequest(documents=docs), timeout=300)
-    tp = fp = fn = 0
-    for (item_id, _, deal), result in zip(items, response.results):
-        predicted = result.deal_probability >= info.default_threshold
-        tp, fp, fn = tp + (predicted and deal), fp + (predicted and not deal), fn + (deal and not predicted)
-        if predicted != deal:
-            print(f"  {'missed' if deal else 'false positive'}: {item_id} p {result.deal_probability:.3f}")
-    precision, recall = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
-    f1 = 2 * precision * recall / max(precision + recall, 1e-12)
+    scores = [r.deal_probability for r in response.results]
+    truth = [deal for _, _, deal in items]
+    for (item_id, _, deal), score in zip(items, scores):
+        if (score >= info.default_threshold) != deal:
+            print(f"  {'missed' if deal else 'false positive'}: {item_id} p {score:.3f}")
+    tp, fp, fn, precision, recall, f1 = counts_and_f1(scores, truth, info.default_threshold)
     print(f"model {info.model_id} {info.model_version}, threshold {info.default_threshold:.2f}: "
           f"{len(items)} ledes, {tp + fn} deals: P {precision:.3f} R {recall:.3f} F1 {f1:.3f} (TP {tp} FP {fp} FN {fn})")
 
