@@ -55,7 +55,7 @@ for b in manifest["buckets"]:
             "outputs": [{"name": manifest["output"]["name"], "dtype": 10, "shape": [b["batch"], manifest["output"]["labels"]]}]}
     (out / b["neff"]).write_text(json.dumps(neff))
 PY
-    "$bin" serve --backend neuron --neuron-lib-dir "$work/lib" --model-dir "$work/model" --addr 127.0.0.1:0 > "$work/serve.log" 2>&1 &
+    "$bin" serve --backend neuron --neuron-lib-dir "$work/lib" --model-dir "$work/model" --addr 127.0.0.1:0 --metrics-addr off > "$work/serve.log" 2>&1 &
     server=$!
     trap 'kill "$server" 2>/dev/null || true' EXIT
     addr=

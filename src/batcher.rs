@@ -17,6 +17,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::backend::{Backend, BackendInfo, Batch, Shapes};
 use crate::error::BackendError;
+use crate::telemetry::{Metrics, QueuedSequence};
 
 #[derive(Debug, Clone)]
 pub struct BatcherConfig {
@@ -62,6 +63,7 @@ struct Job {
     deadline: Option<Instant>,
     reply: oneshot::Sender<Result<Scored, JobError>>,
     _permit: Option<OwnedSemaphorePermit>,
+    _queued: QueuedSequence,
 }
 
 impl Job {
@@ -93,17 +95,19 @@ pub struct Batcher {
     config: BatcherConfig,
     info: BackendInfo,
     executors: usize,
+    metrics: Arc<Metrics>,
     threads: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Batcher {
     /// Starts the queue thread and one worker per executor. `on_fatal` is called when an
-    /// executor reports a device or runtime failure.
+    /// executor reports a device or runtime failure; batches and queue depth go to `metrics`.
     pub fn start(
         executors: Vec<Box<dyn Backend>>,
         config: BatcherConfig,
         pad_id: u32,
         on_fatal: Arc<dyn Fn(&BackendError) + Send + Sync>,
+        metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
         let info = executors.first().map(|b| b.info()).ok_or_else(|| std::io::Error::other("no backend executor"))?;
         let (tx, rx) = mpsc::channel();
@@ -112,14 +116,16 @@ impl Batcher {
         for (index, backend) in executors.into_iter().enumerate() {
             let (work_tx, work_rx) = mpsc::channel::<Vec<Job>>();
             worker_txs.push(work_tx);
-            let worker = Worker { index, backend, shapes: info.shapes.clone(), pad_id, ready: tx.clone(), on_fatal: on_fatal.clone() };
+            let (ready, on_fatal, metrics) = (tx.clone(), on_fatal.clone(), metrics.clone());
+            let worker = Worker { index, backend, shapes: info.shapes.clone(), pad_id, ready, on_fatal, metrics };
             threads.push(std::thread::Builder::new().name(format!("dealsift-exec-{index}")).spawn(move || worker.run(work_rx))?);
         }
         let executors = worker_txs.len();
-        let queue = Queue { config: config.clone(), shapes: info.shapes.clone(), workers: worker_txs };
+        let queue = Queue { config: config.clone(), shapes: info.shapes.clone(), workers: worker_txs, metrics: metrics.clone() };
         threads.push(std::thread::Builder::new().name("dealsift-queue".into()).spawn(move || queue.run(rx))?);
         let limit = config.max_queue_sequences;
-        Ok(Self { tx, permits: Arc::new(Semaphore::new(limit)), limit, config, info, executors, threads: std::sync::Mutex::new(threads) })
+        let permits = Arc::new(Semaphore::new(limit));
+        Ok(Self { tx, permits, limit, config, info, executors, metrics, threads: std::sync::Mutex::new(threads) })
     }
 
     pub fn config(&self) -> &BatcherConfig {
@@ -166,7 +172,8 @@ impl Batcher {
                 let (reply, rx) = oneshot::channel();
                 let permit = reservation.0.split(1);
                 // A send fails only after shutdown; the dropped reply then reads as cancelled.
-                let _ = self.tx.send(Msg::Job(Job { ids, enqueued, deadline, reply, _permit: permit }));
+                let job = Job { ids, enqueued, deadline, reply, _permit: permit, _queued: self.metrics.queued() };
+                let _ = self.tx.send(Msg::Job(job));
                 rx
             })
             .collect()
@@ -186,6 +193,7 @@ struct Queue {
     config: BatcherConfig,
     shapes: Shapes,
     workers: Vec<mpsc::Sender<Vec<Job>>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Queue {
@@ -241,6 +249,7 @@ impl Queue {
         let mut kept = VecDeque::with_capacity(pending.len());
         for job in pending.drain(..) {
             if job.is_dead(now) {
+                self.metrics.sequence_dropped();
                 job.fail_deadline(now);
             } else {
                 kept.push_back(job);
@@ -292,6 +301,7 @@ struct Worker {
     pad_id: u32,
     ready: mpsc::Sender<Msg>,
     on_fatal: Arc<dyn Fn(&BackendError) + Send + Sync>,
+    metrics: Arc<Metrics>,
 }
 
 impl Worker {
@@ -309,6 +319,7 @@ impl Worker {
         let mut live = Vec::with_capacity(jobs.len());
         for job in jobs {
             if job.is_dead(started) {
+                self.metrics.sequence_dropped();
                 job.fail_deadline(started);
             } else {
                 live.push(job);
@@ -321,6 +332,7 @@ impl Worker {
         let result = match self.shapes.fit(live.len(), longest) {
             Some(shape) => {
                 let batch = Batch::pack(live.iter().map(|j| j.ids.as_slice()), shape, self.pad_id);
+                self.metrics.observe_batch(live.len(), batch.rows * batch.seq);
                 catch_unwind(AssertUnwindSafe(|| self.backend.predict(&batch)))
                     .unwrap_or_else(|_| Err(BackendError::Fatal("backend panicked".into())))
             }
@@ -339,6 +351,7 @@ impl Worker {
                     Err(e) => e,
                     Ok(rows) => BackendError::Inference(format!("backend returned {} rows for {}", rows.len(), live.len())),
                 };
+                self.metrics.batch_failed();
                 if matches!(err, BackendError::Fatal(_)) {
                     (self.on_fatal)(&err);
                 }

@@ -135,7 +135,7 @@ impl Target {
             }
             None => {
                 let spec = ModelSpec { dir: model_dir.to_path_buf(), max_sequence_length: None, cpu_kernels: CpuKernels::Fast };
-                let engine = tokio::task::spawn_blocking(move || server::load_cpu(&spec, batcher, 16, Arc::new(|_| {}))).await??;
+                let engine = tokio::task::spawn_blocking(move || server::load_cpu(&spec, batcher, 16, server::EngineHooks::detached())).await??;
                 Ok(Self::InProcess(Arc::new(engine)))
             }
         }

@@ -1,7 +1,8 @@
 //! dealsift: a gRPC service that says whether news text reports a deal.
 //!
 //! A request flows `service` (gRPC, validation) -> `engine` (tokenize, aggregate) ->
-//! `batcher` (queue, dynamic batches) -> `backend` (`cpu` | `neuron`) -> `model`.
+//! `batcher` (queue, dynamic batches) -> `backend` (`cpu` | `neuron`) -> `model`;
+//! `telemetry` counts what they do.
 
 pub mod backend;
 pub mod batcher;
@@ -17,5 +18,6 @@ pub mod model;
 pub mod proto;
 pub mod server;
 pub mod service;
+pub mod telemetry;
 pub mod tokenize;
 pub mod train;

@@ -368,6 +368,9 @@ struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "DEALSIFT_ADDR", default_value = "0.0.0.0:50051")]
     addr: SocketAddr,
+    /// Where Prometheus metrics are served (plain HTTP, GET /metrics); `off` disables them.
+    #[arg(long, env = "DEALSIFT_METRICS_ADDR", default_value = "0.0.0.0:50052", value_parser = parse_metrics_addr)]
+    metrics_addr: MetricsAddr,
     /// Compute backend.
     #[arg(long, env = "DEALSIFT_BACKEND", value_enum, default_value = "cpu")]
     backend: BackendArg,
@@ -582,14 +585,33 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(args.addr).await.with_context(|| format!("cannot listen on {}", args.addr))?;
         tracing::info!(addr = %listener.local_addr()?, model_dir = %spec.dir.display(), "listening; loading model");
-        let load = move |on_fatal| match args.backend {
-            BackendArg::Cpu => server::load_cpu(&spec, batcher, max_chunks, on_fatal),
-            BackendArg::Neuron => server::load_neuron(&spec, &neuron, batcher, max_chunks, on_fatal),
+        let metrics_listener = match args.metrics_addr.0 {
+            Some(addr) => {
+                let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} for metrics (--metrics-addr; 'off' disables)"))?;
+                tracing::info!(addr = %l.local_addr()?, "Prometheus metrics on GET /metrics");
+                Some(l)
+            }
+            None => None,
         };
-        server::run(listener, load, config, shutdown_signal()).await?;
+        let load = move |hooks| match args.backend {
+            BackendArg::Cpu => server::load_cpu(&spec, batcher, max_chunks, hooks),
+            BackendArg::Neuron => server::load_neuron(&spec, &neuron, batcher, max_chunks, hooks),
+        };
+        server::run(listener, metrics_listener, load, config, shutdown_signal()).await?;
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+/// `--metrics-addr`: an address, or none for `off`.
+#[derive(Debug, Clone, Copy)]
+struct MetricsAddr(Option<SocketAddr>);
+
+fn parse_metrics_addr(value: &str) -> Result<MetricsAddr, String> {
+    if value == "off" {
+        return Ok(MetricsAddr(None));
+    }
+    value.parse().map(|a| MetricsAddr(Some(a))).map_err(|e| format!("{e}: give an address such as 0.0.0.0:50052, or off"))
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -744,7 +766,7 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
             None => {
                 let spec = ModelSpec { dir: args.model_dir.clone(), max_sequence_length: None, cpu_kernels: CpuKernels::Fast };
                 let batcher = ServeArgs::parse_from(["serve"]).batcher();
-                let engine = server::load_cpu(&spec, batcher, 16, std::sync::Arc::new(|_| {}))?;
+                let engine = server::load_cpu(&spec, batcher, 16, server::EngineHooks::detached())?;
                 let threshold = engine.model.threshold;
                 (dealsift::eval::Scorer::Local(Box::new(engine)), threshold)
             }

@@ -20,6 +20,7 @@ use crate::error::{BackendError, ModelError};
 use crate::model::config::Joins;
 use crate::proto::deal_classifier_server::DealClassifierServer;
 use crate::service::{DealService, Limits, State};
+use crate::telemetry::{self, Metrics};
 use crate::tokenize::{LongText, TextEncoder};
 
 /// Everything `run` needs besides the listener and the model.
@@ -34,6 +35,22 @@ pub struct ServerConfig {
 /// Called by a backend executor when the device or runtime fails.
 pub type FatalHook = Arc<dyn Fn(&BackendError) + Send + Sync>;
 
+/// What the server hands the model loader: where a backend failure is reported, and the
+/// metrics the batcher records into.
+#[derive(Clone)]
+pub struct EngineHooks {
+    pub on_fatal: FatalHook,
+    pub metrics: Arc<Metrics>,
+}
+
+impl EngineHooks {
+    /// For an engine outside a server (CLI tools, benchmarks, tests): failures only fail
+    /// the calls, and the metrics are not exported.
+    pub fn detached() -> Self {
+        Self { on_fatal: Arc::new(|_| {}), metrics: Arc::new(Metrics::new()) }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("model failed to load: {0}")]
@@ -44,6 +61,8 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("metrics endpoint: {0}")]
+    Metrics(#[source] std::io::Error),
 }
 
 /// Which backend runs the model.
@@ -57,20 +76,20 @@ pub struct ModelSpec {
 }
 
 /// Opens a model directory on the CPU backend and starts its batcher.
-pub fn load_cpu(spec: &ModelSpec, batcher: BatcherConfig, max_chunks: usize, on_fatal: FatalHook) -> Result<Engine, ModelError> {
+pub fn load_cpu(spec: &ModelSpec, batcher: BatcherConfig, max_chunks: usize, hooks: EngineHooks) -> Result<Engine, ModelError> {
     let model = ModelDir::open(&spec.dir, spec.max_sequence_length)?;
     let backend = CpuBackend::load(&spec.dir, &model.config, batcher.max_batch_size, model.window, spec.cpu_kernels)?;
-    start_engine(model, vec![Box::new(backend)], batcher, max_chunks, on_fatal)
+    start_engine(model, vec![Box::new(backend)], batcher, max_chunks, hooks)
 }
 
 /// Opens a model directory's compiled NEFFs (`neuron/manifest.json`) on every visible
 /// NeuronCore and starts its batcher. libnrt is loaded first: without the Neuron SDK that is
 /// the error worth reporting, before anything about the model.
-pub fn load_neuron(spec: &ModelSpec, options: &NeuronOptions, batcher: BatcherConfig, max_chunks: usize, on_fatal: FatalHook) -> Result<Engine, ModelError> {
+pub fn load_neuron(spec: &ModelSpec, options: &NeuronOptions, batcher: BatcherConfig, max_chunks: usize, hooks: EngineHooks) -> Result<Engine, ModelError> {
     let library = RuntimeLibrary::open(&options.lib_dir)?;
     let model = ModelDir::open(&spec.dir, spec.max_sequence_length)?;
     let executors = neuron::load_executors(library, &model, options)?;
-    start_engine(model, executors, batcher, max_chunks, on_fatal)
+    start_engine(model, executors, batcher, max_chunks, hooks)
 }
 
 /// Wires a model directory's tokenizer and already-loaded executors into an engine.
@@ -79,7 +98,7 @@ pub fn start_engine(
     executors: Vec<Box<dyn Backend>>,
     batcher: BatcherConfig,
     max_chunks: usize,
-    on_fatal: FatalHook,
+    hooks: EngineHooks,
 ) -> Result<Engine, ModelError> {
     let max_seq = executors.first().map(|e| e.info().shapes.max_seq()).unwrap_or(0);
     let window = model.window.min(max_seq);
@@ -92,17 +111,34 @@ pub fn start_engine(
     let encoder = TextEncoder::from_file(&model.path.join("tokenizer.json"), window)?;
     let model = ModelDir { window, ..model };
     let pad_id = model.config.pad_token_id;
-    let batcher = Batcher::start(executors, batcher, pad_id, on_fatal).map_err(|e| ModelError::Invalid(format!("cannot start executor threads: {e}")))?;
+    let batcher = Batcher::start(executors, batcher, pad_id, hooks.on_fatal, hooks.metrics)
+        .map_err(|e| ModelError::Invalid(format!("cannot start executor threads: {e}")))?;
     Ok(Engine::new(model, encoder, batcher, max_chunks))
 }
 
-/// Serves until `shutdown` resolves (or the model fails to load), then finishes in-flight
-/// work and returns. `load` runs on a blocking thread; health says NOT_SERVING until it
-/// has returned and a warm-up request has passed through the whole pipeline.
-pub async fn run<L>(listener: TcpListener, load: L, config: ServerConfig, shutdown: impl Future<Output = ()>) -> Result<(), ServeError>
+/// Serves gRPC on `listener` (and Prometheus metrics on `metrics_listener`, if given) until
+/// `shutdown` resolves (or the model fails to load), then finishes in-flight work and
+/// returns. `load` runs on a blocking thread; health says NOT_SERVING until it has returned
+/// and a warm-up request has passed through the whole pipeline.
+pub async fn run<L>(
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    load: L,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError>
 where
-    L: FnOnce(FatalHook) -> Result<Engine, ModelError> + Send + 'static,
+    L: FnOnce(EngineHooks) -> Result<Engine, ModelError> + Send + 'static,
 {
+    let metrics = Arc::new(Metrics::new());
+    // Dropped when gRPC has stopped: the metrics endpoint stops with it.
+    let (metrics_stop, mut metrics_stopped) = tokio::sync::watch::channel(());
+    let metrics_server = metrics_listener.map(|l| {
+        tokio::spawn(telemetry::serve(l, metrics.clone(), async move {
+            let _ = metrics_stopped.changed().await;
+        }))
+    });
+
     let (reporter, health_service) = tonic_health::server::health_reporter();
     reporter.set_not_serving::<DealClassifierServer<DealService>>().await;
     reporter.set_service_status("", ServingStatus::NotServing).await;
@@ -116,21 +152,24 @@ where
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let state = Arc::new(State::new(config.limits.clone()));
+    let state = Arc::new(State::new(config.limits.clone(), metrics.clone()));
     let service = DealClassifierServer::new(DealService::new(state.clone()))
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
 
     let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<ServeError>();
     let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::unbounded_channel::<BackendError>();
-    let on_fatal: FatalHook = Arc::new(move |e: &BackendError| {
-        let _ = fatal_tx.send(e.clone());
-    });
+    let hooks = EngineHooks {
+        on_fatal: Arc::new(move |e: &BackendError| {
+            let _ = fatal_tx.send(e.clone());
+        }),
+        metrics: metrics.clone(),
+    };
 
     let loader_state = state.clone();
     let loader_reporter = reporter.clone();
     tokio::spawn(async move {
-        let loaded = tokio::task::spawn_blocking(move || load(on_fatal)).await;
+        let loaded = tokio::task::spawn_blocking(move || load(hooks)).await;
         let engine = match loaded {
             Ok(Ok(engine)) => Arc::new(engine),
             Ok(Err(e)) => {
@@ -148,6 +187,7 @@ where
             return;
         }
         loader_state.set_engine(engine.clone());
+        loader_state.metrics.set_serving(&engine.model.model_id, &engine.model.version, engine.batcher().info().name);
         loader_reporter.set_serving::<DealClassifierServer<DealService>>().await;
         loader_reporter.set_service_status("", ServingStatus::Serving).await;
         let lexical = engine.model.lexical.as_ref().map(|(_, how)| (how.joins, how.weight));
@@ -160,6 +200,7 @@ where
         if let Some(err) = fatal_rx.recv().await {
             tracing::error!(error = %err, "backend failed; health is NOT_SERVING");
             fatal_state.set_failed(err);
+            fatal_state.metrics.set_not_ready();
             fatal_reporter.set_not_serving::<DealClassifierServer<DealService>>().await;
             fatal_reporter.set_service_status("", ServingStatus::NotServing).await;
         }
@@ -181,8 +222,13 @@ where
         // with Nagle's algorithm they wait for the client's delayed ACK (tens of ms).
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), stop)
         .await?;
+    metrics.set_not_ready();
     if let Some(engine) = state.engine() {
         engine.shutdown();
+    }
+    drop(metrics_stop);
+    if let Some(server) = metrics_server {
+        server.await.map_err(|e| ServeError::Metrics(std::io::Error::other(e)))?.map_err(ServeError::Metrics)?;
     }
     match load_failure {
         Some(err) => Err(err),

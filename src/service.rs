@@ -15,6 +15,7 @@ use crate::proto::{
     self, classify_stream_response::Outcome, deal_classifier_server::DealClassifier, ClassifyRequest, ClassifyResponse,
     ClassifyStreamRequest, ClassifyStreamResponse, GetModelInfoRequest, ItemError, ModelInfo,
 };
+use crate::telemetry::{Metrics, Rpc};
 use crate::tokenize::LongText;
 
 /// Per-request limits, all configurable (see `dealsift serve --help`).
@@ -33,11 +34,12 @@ pub struct State {
     /// Set when a backend reports a device or runtime failure.
     failure: OnceLock<BackendError>,
     limits: Limits,
+    pub metrics: Arc<Metrics>,
 }
 
 impl State {
-    pub fn new(limits: Limits) -> Self {
-        Self { engine: OnceLock::new(), failure: OnceLock::new(), limits }
+    pub fn new(limits: Limits, metrics: Arc<Metrics>) -> Self {
+        Self { engine: OnceLock::new(), failure: OnceLock::new(), limits, metrics }
     }
 
     pub fn set_engine(&self, engine: Arc<Engine>) {
@@ -171,9 +173,8 @@ impl From<EngineError> for Status {
 
 type ResultStream = Pin<Box<dyn Stream<Item = Result<ClassifyStreamResponse, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl DealClassifier for DealService {
-    async fn classify(&self, request: Request<ClassifyRequest>) -> Result<Response<ClassifyResponse>, Status> {
+impl DealService {
+    async fn answer_classify(&self, request: Request<ClassifyRequest>) -> Result<Response<ClassifyResponse>, Status> {
         let deadline = deadline(request.metadata(), Instant::now());
         let engine = self.state.ready()?.clone();
         let limits = &self.state.limits;
@@ -202,6 +203,16 @@ impl DealClassifier for DealService {
             model_version: engine.model.version.clone(),
         }))
     }
+}
+
+#[tonic::async_trait]
+impl DealClassifier for DealService {
+    async fn classify(&self, request: Request<ClassifyRequest>) -> Result<Response<ClassifyResponse>, Status> {
+        let call = self.state.metrics.start_call(Rpc::Classify);
+        let answer = self.answer_classify(request).await;
+        call.finish(answer.as_ref().map(|r| r.get_ref().results.as_slice()).map_err(Status::code));
+        answer
+    }
 
     type ClassifyStreamStream = ResultStream;
 
@@ -218,8 +229,11 @@ impl DealClassifier for DealService {
                 let (engine, state) = (engine.clone(), state.clone());
                 async move {
                     let msg = item?;
+                    let call = state.metrics.start_call(Rpc::ClassifyStream);
                     let id = msg.document.as_ref().map(|d| d.id.clone()).unwrap_or_default();
-                    let outcome = match classify_item(msg, &engine, &state.limits, deadline).await {
+                    let answer = classify_item(msg, &engine, &state.limits, deadline).await;
+                    call.finish(answer.as_ref().map(std::slice::from_ref).map_err(Status::code));
+                    let outcome = match answer {
                         Ok(result) => Outcome::Result(result),
                         Err(status) => Outcome::Error(ItemError { code: status.code() as i32, message: status.message().to_string() }),
                     };

@@ -1,13 +1,12 @@
 //! The shipped default model, through the same engine the server runs.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use dealsift::batcher::BatcherConfig;
 use dealsift::engine::{Admission, Doc, Engine, Options};
 use dealsift::proto::Label;
-use dealsift::server::{load_cpu, ModelSpec};
+use dealsift::server::{load_cpu, EngineHooks, ModelSpec};
 use dealsift::tokenize::LongText;
 
 fn shipped() -> PathBuf {
@@ -17,7 +16,7 @@ fn shipped() -> PathBuf {
 fn engine() -> Engine {
     let spec = ModelSpec { dir: shipped(), max_sequence_length: None, cpu_kernels: Default::default() };
     let batcher = BatcherConfig { max_batch_tokens: 8192, max_batch_size: 32, max_queue_sequences: 256, max_queue_delay: Duration::from_millis(1) };
-    load_cpu(&spec, batcher, 16, Arc::new(|_| {})).expect("the shipped model loads")
+    load_cpu(&spec, batcher, 16, EngineHooks::detached()).expect("the shipped model loads")
 }
 
 async fn deal_probability(engine: &Engine, text: &str, long_text: LongText) -> f32 {

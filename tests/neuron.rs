@@ -19,7 +19,7 @@ use dealsift::backend::{Batch, Bucket, Shapes};
 use dealsift::engine::{softmax, Engine, ModelDir};
 use dealsift::error::{BackendError, ModelError};
 use dealsift::proto::{ClassifyOptions, GetModelInfoRequest};
-use dealsift::server::{self, FatalHook, ModelSpec, ServerConfig};
+use dealsift::server::{self, EngineHooks, ModelSpec, ServerConfig};
 use dealsift::tokenize::{LongText, TextEncoder};
 use serde_json::{json, Value};
 use tonic::Code;
@@ -155,12 +155,12 @@ impl Fixture {
     }
 
     /// The loader `dealsift serve --backend neuron` runs.
-    fn loader(&self, config: &ServerConfig) -> impl FnOnce(FatalHook) -> Result<Engine, ModelError> + Send + 'static {
+    fn loader(&self, config: &ServerConfig) -> impl FnOnce(EngineHooks) -> Result<Engine, ModelError> + Send + 'static {
         let spec = ModelSpec { dir: self.model_dir.clone(), max_sequence_length: None, cpu_kernels: Default::default() };
         let options = options(&self.lib_dir);
         let batcher = config.batcher.clone();
         let max_chunks = config.limits.max_chunks_per_document;
-        move |hook| server::load_neuron(&spec, &options, batcher, max_chunks, hook)
+        move |hooks| server::load_neuron(&spec, &options, batcher, max_chunks, hooks)
     }
 
     async fn serve(&self, config: ServerConfig) -> TestServer {
@@ -313,7 +313,7 @@ fn a_missing_runtime_library_is_named_with_how_to_install_it() {
 #[test]
 fn serve_with_the_neuron_backend_and_no_sdk_exits_nonzero_naming_the_library() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_dealsift"))
-        .args(["serve", "--backend", "neuron", "--neuron-lib-dir", "/nonexistent/neuron/lib", "--addr", "127.0.0.1:0", "--model-dir"])
+        .args(["serve", "--backend", "neuron", "--neuron-lib-dir", "/nonexistent/neuron/lib", "--addr", "127.0.0.1:0", "--metrics-addr", "off", "--model-dir"])
         .arg(fixture_dir())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -483,7 +483,7 @@ async fn two_cores_execute_batches_at_the_same_time() {
 async fn the_binary_runs_one_executor_per_core_neuron_rt_visible_cores_names() {
     let fx = Fixture::new("cli-visible-cores", &[(1, 32)], TRACED_INPUTS, 0);
     let mut child = Command::new(env!("CARGO_BIN_EXE_dealsift"))
-        .args(["serve", "--backend", "neuron", "--addr", "127.0.0.1:0", "--neuron-lib-dir"])
+        .args(["serve", "--backend", "neuron", "--addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0", "--neuron-lib-dir"])
         .arg(&fx.lib_dir)
         .arg("--model-dir")
         .arg(&fx.model_dir)

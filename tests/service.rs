@@ -253,7 +253,52 @@ async fn work_of_a_client_that_went_away_is_dropped() {
     blocker.await.unwrap().unwrap();
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(rows.load(Ordering::SeqCst), 2, "warm-up and blocker only");
+    let (_, _, metrics) = server.scrape().await;
+    for line in ["dealsift_dropped_sequences_total 1", "dealsift_calls_total{rpc=\"Classify\",code=\"CANCELLED\"} 1"] {
+        assert!(metrics.lines().any(|l| l == line), "no {line:?} in\n{metrics}");
+    }
     server.stop().await.unwrap();
+}
+
+/// `GET /metrics` counts calls by RPC and status code, documents, tokens and batches, and
+/// stops with the server.
+#[tokio::test]
+async fn metrics_count_calls_documents_and_batches() {
+    let server = TestServer::ready().await;
+    let mut client = server.client().await;
+    client.classify(request(HEADLINES[..3].iter().map(|t| doc("a", t)).collect())).await.unwrap();
+    client.classify(request(vec![])).await.expect_err("no documents");
+    let items = [HEADLINES[3], " "].map(|t| ClassifyStreamRequest { document: Some(doc("s", t)), options: None });
+    {
+        use futures::StreamExt;
+        let out = client.classify_stream(futures::stream::iter(items)).await.unwrap().into_inner();
+        assert_eq!(out.collect::<Vec<_>>().await.len(), 2);
+    }
+    let (status, content_type, body) = server.scrape().await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert!(content_type.starts_with("application/openmetrics-text"), "{content_type}");
+    // The value of the sample `name` (metric and labels), 0 when it has not been recorded.
+    let value = |name: &str| -> f64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+            .map_or(0.0, |v| v.trim().parse().unwrap())
+    };
+    assert_eq!(value("dealsift_calls_total{rpc=\"Classify\",code=\"OK\"}"), 1.0, "{body}");
+    assert_eq!(value("dealsift_calls_total{rpc=\"Classify\",code=\"INVALID_ARGUMENT\"}"), 1.0);
+    assert_eq!(value("dealsift_calls_total{rpc=\"ClassifyStream\",code=\"OK\"}"), 1.0);
+    assert_eq!(value("dealsift_calls_total{rpc=\"ClassifyStream\",code=\"INVALID_ARGUMENT\"}"), 1.0);
+    assert_eq!(value("dealsift_call_duration_seconds_count{rpc=\"Classify\"}"), 2.0);
+    assert_eq!(value("dealsift_documents_total{label=\"deal\"}") + value("dealsift_documents_total{label=\"non_deal\"}"), 4.0);
+    assert_eq!(value("dealsift_document_tokens_count"), 4.0);
+    assert_eq!(value("dealsift_document_stage_duration_seconds_count{stage=\"inference\"}"), 4.0);
+    // Every computed window: the warm-up's and the four documents'.
+    assert_eq!(value("dealsift_batch_rows_sum"), 5.0);
+    assert_eq!(value("dealsift_queued_sequences"), 0.0);
+    assert_eq!(value("dealsift_ready"), 1.0);
+    assert!(body.contains("dealsift_model_info{model_id=\"tiny-bert\""), "{body}");
+    let metrics_addr = server.metrics_addr;
+    server.stop().await.unwrap();
+    assert!(tokio::net::TcpStream::connect(metrics_addr).await.is_err(), "the metrics endpoint stops with the server");
 }
 
 #[tokio::test]
@@ -313,7 +358,7 @@ async fn missing_model_fails_the_server_with_a_clear_error() {
     config.limits.max_documents_per_request = 1;
     let load = |_hook| dealsift::engine::ModelDir::open(std::path::Path::new("/nonexistent/model"), None).map(|_| unreachable!());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let err = dealsift::server::run(listener, load, config, std::future::pending()).await.unwrap_err();
+    let err = dealsift::server::run(listener, None, load, config, std::future::pending()).await.unwrap_err();
     assert!(err.to_string().contains("/nonexistent/model/config.json"), "{err}");
 }
 
@@ -358,7 +403,7 @@ async fn lexical_stage_is_served_as_configured() {
         let model = ModelDir::open(&dir, Some(128)).unwrap();
         let threshold = model.threshold;
         let cpu = dealsift::backend::cpu::CpuBackend::load(&dir, &model.config, 8, model.window, Default::default()).unwrap();
-        let engine = dealsift::server::start_engine(model, vec![Box::new(cpu)], config().batcher, 8, Arc::new(|_| {})).unwrap();
+        let engine = dealsift::server::start_engine(model, vec![Box::new(cpu)], config().batcher, 8, dealsift::server::EngineHooks::detached()).unwrap();
         let docs = texts.iter().map(|t| Doc { id: t.to_string(), title: None, text: t.to_string() }).collect();
         let options = Options { threshold, long_text };
         let results = engine.classify(docs, options, None, Admission::Wait).await.unwrap();
@@ -406,10 +451,10 @@ async fn lexical_stage_is_served_as_configured() {
     // The directory now joins every text: GetModelInfo says so.
     let load = {
         let (dir, batcher) = (dir.clone(), config().batcher);
-        move |on_fatal| {
+        move |hooks| {
             let model = ModelDir::open(&dir, Some(128))?;
             let cpu = dealsift::backend::cpu::CpuBackend::load(&dir, &model.config, batcher.max_batch_size, model.window, Default::default())?;
-            dealsift::server::start_engine(model, vec![Box::new(cpu)], batcher, 8, on_fatal)
+            dealsift::server::start_engine(model, vec![Box::new(cpu)], batcher, 8, hooks)
         }
     };
     let server = TestServer::start(config(), load).await;

@@ -14,7 +14,7 @@ use dealsift::engine::{Engine, ModelDir};
 use dealsift::error::{BackendError, ModelError};
 use dealsift::proto::deal_classifier_client::DealClassifierClient;
 use dealsift::proto::{ClassifyRequest, Document};
-use dealsift::server::{self, FatalHook, ServeError, ServerConfig};
+use dealsift::server::{self, EngineHooks, ServeError, ServerConfig};
 use dealsift::service::Limits;
 use dealsift::tokenize::LongText;
 use tokio::sync::oneshot;
@@ -50,13 +50,13 @@ pub fn config() -> ServerConfig {
 pub fn loader(
     config: &ServerConfig,
     wrap: impl FnOnce(CpuBackend) -> Box<dyn Backend> + Send + 'static,
-) -> impl FnOnce(FatalHook) -> Result<Engine, ModelError> + Send + 'static {
+) -> impl FnOnce(EngineHooks) -> Result<Engine, ModelError> + Send + 'static {
     let batcher = config.batcher.clone();
     let max_chunks = config.limits.max_chunks_per_document;
-    move |on_fatal| {
+    move |hooks| {
         let model = ModelDir::open(&fixture_dir(), Some(128))?;
         let cpu = CpuBackend::load(&fixture_dir(), &model.config, batcher.max_batch_size, model.window, Default::default())?;
-        server::start_engine(model, vec![wrap(cpu)], batcher, max_chunks, on_fatal)
+        server::start_engine(model, vec![wrap(cpu)], batcher, max_chunks, hooks)
     }
 }
 
@@ -66,6 +66,8 @@ pub fn plain(cpu: CpuBackend) -> Box<dyn Backend> {
 
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// Where `GET /metrics` is served.
+    pub metrics_addr: SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
     handle: JoinHandle<Result<(), ServeError>>,
 }
@@ -73,15 +75,17 @@ pub struct TestServer {
 impl TestServer {
     pub async fn start<L>(config: ServerConfig, load: L) -> Self
     where
-        L: FnOnce(FatalHook) -> Result<Engine, ModelError> + Send + 'static,
+        L: FnOnce(EngineHooks) -> Result<Engine, ModelError> + Send + 'static,
     {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let metrics_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let metrics_addr = metrics_listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
-        let handle = tokio::spawn(server::run(listener, load, config, async {
+        let handle = tokio::spawn(server::run(listener, Some(metrics_listener), load, config, async {
             let _ = rx.await;
         }));
-        Self { addr, shutdown: Some(tx), handle }
+        Self { addr, metrics_addr, shutdown: Some(tx), handle }
     }
 
     /// Starts the fixture model and waits until health says SERVING.
@@ -123,6 +127,23 @@ impl TestServer {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("server never became SERVING");
+    }
+
+    /// `GET /metrics` over plain HTTP/1.1: (status line, content type, body).
+    pub async fn scrape(&self) -> (String, String, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut conn = tokio::net::TcpStream::connect(self.metrics_addr).await.unwrap();
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").await.unwrap();
+        let mut raw = String::new();
+        conn.read_to_string(&mut raw).await.unwrap();
+        let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
+        let status = head.lines().next().unwrap_or_default().to_string();
+        let content_type = head
+            .lines()
+            .find_map(|l| l.split_once(':').filter(|(name, _)| name.eq_ignore_ascii_case("content-type")))
+            .map(|(_, value)| value.trim().to_string())
+            .unwrap_or_default();
+        (status, content_type, body.to_string())
     }
 
     /// Graceful shutdown; returns what `run` returned.

@@ -1,0 +1,461 @@
+//! Prometheus metrics: what the service did (calls by status code, documents by label, input
+//! lengths, where the time went) and how the batcher ran (batch rows and padded tokens, queue
+//! depth, work dropped before compute). Served as OpenMetrics text on `GET /metrics` from a
+//! listener of its own (`dealsift serve --metrics-addr`), so a scrape never waits behind gRPC
+//! traffic. Names follow Prometheus conventions: `dealsift_` prefix, seconds, `_total` counters.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+use tokio::net::TcpListener;
+use tonic::Code;
+
+use crate::proto::{DocumentResult, Label};
+
+/// The media type of the OpenMetrics text format, which Prometheus negotiates.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Which RPC answered.
+#[derive(Debug, Clone, Copy)]
+pub enum Rpc {
+    Classify,
+    /// One item of a `ClassifyStream` call.
+    ClassifyStream,
+}
+
+impl Rpc {
+    fn name(self) -> &'static str {
+        match self {
+            Rpc::Classify => "Classify",
+            Rpc::ClassifyStream => "ClassifyStream",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    rpc: &'static str,
+    code: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcLabels {
+    rpc: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DocumentLabels {
+    label: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StageLabels {
+    stage: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabels {
+    model_id: String,
+    version: String,
+    backend: String,
+}
+
+/// Every metric the server records, and the registry that exposes them.
+pub struct Metrics {
+    registry: Registry,
+    calls: Family<CallLabels, Counter>,
+    call_duration: Family<RpcLabels, Histogram>,
+    documents: Family<DocumentLabels, Counter>,
+    truncated_documents: Counter,
+    document_tokens: Histogram,
+    stage_duration: Family<StageLabels, Histogram>,
+    batch_rows: Histogram,
+    batch_padded_tokens: Histogram,
+    batch_failures: Counter,
+    dropped_sequences: Counter,
+    queued_sequences: Gauge,
+    ready: Gauge,
+    model: Family<ModelLabels, Gauge>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Seconds from 100 us to about 13 s, doubling.
+fn seconds_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1e-4, 2.0, 18))
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("dealsift");
+        let calls = Family::<CallLabels, Counter>::default();
+        registry.register(
+            "calls",
+            "Answered calls (a ClassifyStream call counts each item) by gRPC status code",
+            calls.clone(),
+        );
+        let call_duration = Family::<RpcLabels, Histogram>::new_with_constructor(
+            seconds_histogram as fn() -> Histogram,
+        );
+        registry.register_with_unit(
+            "call_duration",
+            "Time from receiving a call (or stream item) to its answer",
+            Unit::Seconds,
+            call_duration.clone(),
+        );
+        let documents = Family::<DocumentLabels, Counter>::default();
+        registry.register(
+            "documents",
+            "Classified documents by the label they were given",
+            documents.clone(),
+        );
+        let truncated_documents = Counter::default();
+        registry.register(
+            "truncated_documents",
+            "Documents longer than the model reads (the first window, or --max-chunks-per-document windows)",
+            truncated_documents.clone(),
+        );
+        let document_tokens = Histogram::new(exponential_buckets(8.0, 2.0, 10));
+        registry.register(
+            "document_tokens",
+            "Tokens per classified document, special tokens included",
+            document_tokens.clone(),
+        );
+        let stage_duration = Family::<StageLabels, Histogram>::new_with_constructor(
+            seconds_histogram as fn() -> Histogram,
+        );
+        registry.register_with_unit(
+            "document_stage_duration",
+            "Per document: tokenize (and lexical stage), queue (longest wait of its windows), inference (its windows' batches)",
+            Unit::Seconds,
+            stage_duration.clone(),
+        );
+        let batch_rows = Histogram::new(exponential_buckets(1.0, 2.0, 10));
+        registry.register(
+            "batch_rows",
+            "Sequences per computed batch",
+            batch_rows.clone(),
+        );
+        let batch_padded_tokens = Histogram::new(exponential_buckets(16.0, 2.0, 12));
+        registry.register(
+            "batch_padded_tokens",
+            "Padded tokens (rows x longest row) per computed batch",
+            batch_padded_tokens.clone(),
+        );
+        let batch_failures = Counter::default();
+        registry.register(
+            "batch_failures",
+            "Batches the backend failed to compute",
+            batch_failures.clone(),
+        );
+        let dropped_sequences = Counter::default();
+        registry.register(
+            "dropped_sequences",
+            "Queued windows dropped before compute: their deadline passed or their caller went away",
+            dropped_sequences.clone(),
+        );
+        let queued_sequences = Gauge::default();
+        registry.register(
+            "queued_sequences",
+            "Windows admitted and not yet computed (limit: --max-queue-sequences)",
+            queued_sequences.clone(),
+        );
+        let ready = Gauge::default();
+        registry.register(
+            "ready",
+            "1 while the model is loaded, warmed up and its backend healthy (grpc.health SERVING)",
+            ready.clone(),
+        );
+        let model = Family::<ModelLabels, Gauge>::default();
+        registry.register("model_info", "The served model (value 1)", model.clone());
+        Self {
+            registry,
+            calls,
+            call_duration,
+            documents,
+            truncated_documents,
+            document_tokens,
+            stage_duration,
+            batch_rows,
+            batch_padded_tokens,
+            batch_failures,
+            dropped_sequences,
+            queued_sequences,
+            ready,
+            model,
+        }
+    }
+
+    /// Starts timing a call (or stream item); see [`Call`].
+    pub fn start_call(&self, rpc: Rpc) -> Call<'_> {
+        Call {
+            metrics: self,
+            rpc,
+            started: Instant::now(),
+            finished: false,
+        }
+    }
+
+    /// Records an answered call (or stream item): its status and duration, and on success
+    /// each document's label, length and timing.
+    fn observe_call(&self, rpc: Rpc, outcome: Result<&[DocumentResult], Code>, elapsed: Duration) {
+        let code = match outcome {
+            Ok(_) => Code::Ok,
+            Err(code) => code,
+        };
+        self.calls
+            .get_or_create(&CallLabels {
+                rpc: rpc.name(),
+                code: code_name(code),
+            })
+            .inc();
+        self.call_duration
+            .get_or_create(&RpcLabels { rpc: rpc.name() })
+            .observe(elapsed.as_secs_f64());
+        for doc in outcome.unwrap_or_default() {
+            let label = if doc.label == Label::Deal as i32 {
+                "deal"
+            } else {
+                "non_deal"
+            };
+            self.documents
+                .get_or_create(&DocumentLabels { label })
+                .inc();
+            if doc.truncated {
+                self.truncated_documents.inc();
+            }
+            self.document_tokens.observe(doc.token_count as f64);
+            if let Some(t) = &doc.timing {
+                for (stage, us) in [
+                    ("tokenize", t.tokenize_us),
+                    ("queue", t.queue_us),
+                    ("inference", t.inference_us),
+                ] {
+                    self.stage_duration
+                        .get_or_create(&StageLabels { stage })
+                        .observe(us as f64 * 1e-6);
+                }
+            }
+        }
+    }
+
+    pub fn observe_batch(&self, rows: usize, padded_tokens: usize) {
+        self.batch_rows.observe(rows as f64);
+        self.batch_padded_tokens.observe(padded_tokens as f64);
+    }
+
+    pub fn batch_failed(&self) {
+        self.batch_failures.inc();
+    }
+
+    pub fn sequence_dropped(&self) {
+        self.dropped_sequences.inc();
+    }
+
+    /// Counts one window as queued until the returned guard is dropped.
+    pub fn queued(&self) -> QueuedSequence {
+        self.queued_sequences.inc();
+        QueuedSequence(self.queued_sequences.clone())
+    }
+
+    /// The served model, and whether it is ready.
+    pub fn set_serving(&self, model_id: &str, version: &str, backend: &str) {
+        self.model.clear();
+        self.model
+            .get_or_create(&ModelLabels {
+                model_id: model_id.into(),
+                version: version.into(),
+                backend: backend.into(),
+            })
+            .set(1);
+        self.ready.set(1);
+    }
+
+    pub fn set_not_ready(&self) {
+        self.ready.set(0);
+    }
+
+    /// The OpenMetrics text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+/// A call being answered. `finish` records its outcome; a call dropped before that (its
+/// client cancelled or went away, and tonic dropped the handler) counts as `CANCELLED`.
+pub struct Call<'a> {
+    metrics: &'a Metrics,
+    rpc: Rpc,
+    started: Instant,
+    finished: bool,
+}
+
+impl Call<'_> {
+    pub fn finish(mut self, outcome: Result<&[DocumentResult], Code>) {
+        self.metrics
+            .observe_call(self.rpc, outcome, self.started.elapsed());
+        self.finished = true;
+    }
+}
+
+impl Drop for Call<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.metrics
+                .observe_call(self.rpc, Err(Code::Cancelled), self.started.elapsed());
+        }
+    }
+}
+
+/// A window counted in `dealsift_queued_sequences`; dropping it uncounts it.
+pub struct QueuedSequence(Gauge);
+
+impl Drop for QueuedSequence {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// The status code as gRPC spells it in its documentation (`OK`, `INVALID_ARGUMENT`, ...).
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Serves `GET /metrics` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let scrape = move || {
+        let metrics = metrics.clone();
+        async move {
+            (
+                [(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)],
+                metrics.encode(),
+            )
+        }
+    };
+    let app = axum::Router::new().route("/metrics", axum::routing::get(scrape));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::Timing;
+
+    fn result(label: Label, tokens: u32, truncated: bool) -> DocumentResult {
+        DocumentResult {
+            label: label as i32,
+            token_count: tokens,
+            truncated,
+            timing: Some(Timing {
+                tokenize_us: 50,
+                queue_us: 2_000,
+                inference_us: 30_000,
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn calls_documents_and_batches_are_counted() {
+        let metrics = Metrics::new();
+        let docs = [
+            result(Label::Deal, 20, false),
+            result(Label::NonDeal, 300, true),
+        ];
+        metrics.observe_call(Rpc::Classify, Ok(&docs), Duration::from_millis(40));
+        metrics
+            .start_call(Rpc::ClassifyStream)
+            .finish(Err(Code::InvalidArgument));
+        drop(metrics.start_call(Rpc::Classify));
+        metrics.observe_batch(2, 256);
+        let queued = metrics.queued();
+        let text = metrics.encode();
+        for line in [
+            "dealsift_calls_total{rpc=\"Classify\",code=\"OK\"} 1",
+            "dealsift_calls_total{rpc=\"ClassifyStream\",code=\"INVALID_ARGUMENT\"} 1",
+            "dealsift_calls_total{rpc=\"Classify\",code=\"CANCELLED\"} 1",
+            "dealsift_call_duration_seconds_count{rpc=\"Classify\"} 2",
+            "dealsift_documents_total{label=\"deal\"} 1",
+            "dealsift_documents_total{label=\"non_deal\"} 1",
+            "dealsift_truncated_documents_total 1",
+            "dealsift_document_tokens_count 2",
+            "dealsift_document_tokens_sum 320.0",
+            "dealsift_document_stage_duration_seconds_sum{stage=\"inference\"} 0.06",
+            "dealsift_batch_rows_sum 2.0",
+            "dealsift_batch_padded_tokens_sum 256.0",
+            "dealsift_queued_sequences 1",
+            "dealsift_ready 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "no line {line:?} in\n{text}"
+            );
+        }
+        drop(queued);
+        assert!(metrics
+            .encode()
+            .lines()
+            .any(|l| l == "dealsift_queued_sequences 0"));
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn serving_names_the_model() {
+        let metrics = Metrics::new();
+        metrics.set_serving("m", "1.0.0", "cpu");
+        let text = metrics.encode();
+        assert!(
+            text.contains(
+                "dealsift_model_info{model_id=\"m\",version=\"1.0.0\",backend=\"cpu\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(text.lines().any(|l| l == "dealsift_ready 1"));
+        metrics.set_not_ready();
+        assert!(metrics.encode().lines().any(|l| l == "dealsift_ready 0"));
+    }
+}
