@@ -78,7 +78,15 @@ impl Job {
     /// Answers DEADLINE_EXCEEDED (a no-op when the caller went away).
     fn fail_deadline(self, now: Instant) {
         let waited = now - self.enqueued;
-        let _ = self.reply.send(Err(JobError::DeadlineExceeded { waited }));
+        self.answer(Err(JobError::DeadlineExceeded { waited }));
+    }
+
+    /// Frees the job's room in the queue, then answers: a caller that sends more work as
+    /// soon as it has its answer finds the room already free.
+    fn answer(self, result: Result<Scored, JobError>) {
+        let Job { reply, _permit, _queued, .. } = self;
+        drop((_permit, _queued));
+        let _ = reply.send(result);
     }
 }
 
@@ -329,10 +337,10 @@ impl Worker {
             return;
         }
         let longest = live.iter().map(|j| j.ids.len()).max().unwrap_or(0);
-        let result = match self.shapes.fit(live.len(), longest) {
+        let shape = self.shapes.fit(live.len(), longest);
+        let result = match shape {
             Some(shape) => {
                 let batch = Batch::pack(live.iter().map(|j| j.ids.as_slice()), shape, self.pad_id);
-                self.metrics.observe_batch(live.len(), batch.rows * batch.seq);
                 catch_unwind(AssertUnwindSafe(|| self.backend.predict(&batch)))
                     .unwrap_or_else(|_| Err(BackendError::Fatal("backend panicked".into())))
             }
@@ -341,9 +349,10 @@ impl Worker {
         let inference = started.elapsed();
         match result {
             Ok(rows) if rows.len() >= live.len() => {
+                self.metrics.observe_batch(live.len(), shape.map_or(0, |s| s.batch * s.seq));
                 for (job, logits) in live.into_iter().zip(rows) {
                     let queue = started - job.enqueued;
-                    let _ = job.reply.send(Ok(Scored { logits, queue, inference }));
+                    job.answer(Ok(Scored { logits, queue, inference }));
                 }
             }
             other => {
@@ -357,7 +366,7 @@ impl Worker {
                 }
                 tracing::error!(executor = self.index, error = %err, "batch failed");
                 for job in live {
-                    let _ = job.reply.send(Err(JobError::Backend(err.clone())));
+                    job.answer(Err(JobError::Backend(err.clone())));
                 }
             }
         }

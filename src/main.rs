@@ -369,7 +369,7 @@ struct ServeArgs {
     #[arg(long, env = "DEALSIFT_ADDR", default_value = "0.0.0.0:50051")]
     addr: SocketAddr,
     /// Where Prometheus metrics are served (plain HTTP, GET /metrics); `off` disables them.
-    #[arg(long, env = "DEALSIFT_METRICS_ADDR", default_value = "0.0.0.0:50052", value_parser = parse_metrics_addr)]
+    #[arg(long, env = "DEALSIFT_METRICS_ADDR", default_value = "0.0.0.0:9464", value_parser = parse_metrics_addr)]
     metrics_addr: MetricsAddr,
     /// Compute backend.
     #[arg(long, env = "DEALSIFT_BACKEND", value_enum, default_value = "cpu")]
@@ -611,7 +611,7 @@ fn parse_metrics_addr(value: &str) -> Result<MetricsAddr, String> {
     if value == "off" {
         return Ok(MetricsAddr(None));
     }
-    value.parse().map(|a| MetricsAddr(Some(a))).map_err(|e| format!("{e}: give an address such as 0.0.0.0:50052, or off"))
+    value.parse().map(|a| MetricsAddr(Some(a))).map_err(|e| format!("{e}: give an address such as 0.0.0.0:9464, or off"))
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tonic::codec::CompressionEncoding;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
@@ -31,6 +32,9 @@ pub struct ServerConfig {
     /// Largest request message accepted, in bytes.
     pub max_message_bytes: usize,
 }
+
+/// How long the metrics endpoint may take to finish its open scrapes at shutdown.
+const METRICS_DRAIN: Duration = Duration::from_secs(2);
 
 /// Called by a backend executor when the device or runtime fails.
 pub type FatalHook = Arc<dyn Fn(&BackendError) + Send + Sync>;
@@ -153,7 +157,12 @@ where
         .build_v1alpha()?;
 
     let state = Arc::new(State::new(config.limits.clone(), metrics.clone()));
+    // Compressed requests are accepted; responses are compressed for clients that ask.
     let service = DealClassifierServer::new(DealService::new(state.clone()))
+        .accept_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Deflate)
+        .send_compressed(CompressionEncoding::Gzip)
+        .send_compressed(CompressionEncoding::Deflate)
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
 
@@ -227,8 +236,12 @@ where
         engine.shutdown();
     }
     drop(metrics_stop);
-    if let Some(server) = metrics_server {
-        server.await.map_err(|e| ServeError::Metrics(std::io::Error::other(e)))?.map_err(ServeError::Metrics)?;
+    if let Some(mut server) = metrics_server {
+        // A scraper holding a connection open must not hold up shutdown.
+        match tokio::time::timeout(METRICS_DRAIN, &mut server).await {
+            Ok(joined) => joined.map_err(|e| ServeError::Metrics(std::io::Error::other(e)))?.map_err(ServeError::Metrics)?,
+            Err(_) => server.abort(),
+        }
     }
     match load_failure {
         Some(err) => Err(err),

@@ -208,7 +208,7 @@ impl DealService {
 #[tonic::async_trait]
 impl DealClassifier for DealService {
     async fn classify(&self, request: Request<ClassifyRequest>) -> Result<Response<ClassifyResponse>, Status> {
-        let call = self.state.metrics.start_call(Rpc::Classify);
+        let call = self.state.metrics.start_request(Rpc::Classify);
         let answer = self.answer_classify(request).await;
         call.finish(answer.as_ref().map(|r| r.get_ref().results.as_slice()).map_err(Status::code));
         answer
@@ -218,7 +218,14 @@ impl DealClassifier for DealService {
 
     async fn classify_stream(&self, request: Request<Streaming<ClassifyStreamRequest>>) -> Result<Response<ResultStream>, Status> {
         let deadline = deadline(request.metadata(), Instant::now());
-        let engine = self.state.ready()?.clone();
+        let engine = match self.state.ready() {
+            Ok(engine) => engine.clone(),
+            Err(status) => {
+                // Refused before any message is read: counted as one request.
+                self.state.metrics.start_request(Rpc::ClassifyStream).finish(Err(status.code()));
+                return Err(status);
+            }
+        };
         let state = self.state.clone();
         let in_flight = state.limits.max_stream_in_flight.max(1);
         // `buffered` answers in request order and stops pulling requests when `in_flight`
@@ -229,7 +236,7 @@ impl DealClassifier for DealService {
                 let (engine, state) = (engine.clone(), state.clone());
                 async move {
                     let msg = item?;
-                    let call = state.metrics.start_call(Rpc::ClassifyStream);
+                    let call = state.metrics.start_request(Rpc::ClassifyStream);
                     let id = msg.document.as_ref().map(|d| d.id.clone()).unwrap_or_default();
                     let answer = classify_item(msg, &engine, &state.limits, deadline).await;
                     call.finish(answer.as_ref().map(std::slice::from_ref).map_err(Status::code));

@@ -1,4 +1,4 @@
-//! Prometheus metrics: what the service did (calls by status code, documents by label, input
+//! Prometheus metrics: what the service did (requests by status code, documents by label, input
 //! lengths, where the time went) and how the batcher ran (batch rows and padded tokens, queue
 //! depth, work dropped before compute). Served as OpenMetrics text on `GET /metrics` from a
 //! listener of its own (`dealsift serve --metrics-addr`), so a scrape never waits behind gRPC
@@ -22,11 +22,10 @@ use crate::proto::{DocumentResult, Label};
 /// The media type of the OpenMetrics text format, which Prometheus negotiates.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Which RPC answered.
+/// Which RPC a request came by: a `Classify` call, or one message of a `ClassifyStream` call.
 #[derive(Debug, Clone, Copy)]
 pub enum Rpc {
     Classify,
-    /// One item of a `ClassifyStream` call.
     ClassifyStream,
 }
 
@@ -40,7 +39,7 @@ impl Rpc {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct CallLabels {
+struct RequestLabels {
     rpc: &'static str,
     code: &'static str,
 }
@@ -70,8 +69,8 @@ struct ModelLabels {
 /// Every metric the server records, and the registry that exposes them.
 pub struct Metrics {
     registry: Registry,
-    calls: Family<CallLabels, Counter>,
-    call_duration: Family<RpcLabels, Histogram>,
+    requests: Family<RequestLabels, Counter>,
+    request_duration: Family<RpcLabels, Histogram>,
     documents: Family<DocumentLabels, Counter>,
     truncated_documents: Counter,
     document_tokens: Histogram,
@@ -83,12 +82,6 @@ pub struct Metrics {
     queued_sequences: Gauge,
     ready: Gauge,
     model: Family<ModelLabels, Gauge>,
-}
-
-impl std::fmt::Debug for Metrics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Metrics")
-    }
 }
 
 impl Default for Metrics {
@@ -105,27 +98,12 @@ fn seconds_histogram() -> Histogram {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("dealsift");
-        let calls = Family::<CallLabels, Counter>::default();
-        registry.register(
-            "calls",
-            "Answered calls (a ClassifyStream call counts each item) by gRPC status code",
-            calls.clone(),
-        );
-        let call_duration = Family::<RpcLabels, Histogram>::new_with_constructor(
-            seconds_histogram as fn() -> Histogram,
-        );
-        registry.register_with_unit(
-            "call_duration",
-            "Time from receiving a call (or stream item) to its answer",
-            Unit::Seconds,
-            call_duration.clone(),
-        );
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register("requests", "Answered requests (Classify calls, ClassifyStream messages) by gRPC status code", requests.clone());
+        let request_duration = Family::<RpcLabels, Histogram>::new_with_constructor(seconds_histogram as fn() -> Histogram);
+        registry.register_with_unit("request_duration", "Time from receiving a request to its answer", Unit::Seconds, request_duration.clone());
         let documents = Family::<DocumentLabels, Counter>::default();
-        registry.register(
-            "documents",
-            "Classified documents by the label they were given",
-            documents.clone(),
-        );
+        registry.register("documents", "Classified documents by the label they were given", documents.clone());
         let truncated_documents = Counter::default();
         registry.register(
             "truncated_documents",
@@ -133,14 +111,8 @@ impl Metrics {
             truncated_documents.clone(),
         );
         let document_tokens = Histogram::new(exponential_buckets(8.0, 2.0, 10));
-        registry.register(
-            "document_tokens",
-            "Tokens per classified document, special tokens included",
-            document_tokens.clone(),
-        );
-        let stage_duration = Family::<StageLabels, Histogram>::new_with_constructor(
-            seconds_histogram as fn() -> Histogram,
-        );
+        registry.register("document_tokens", "Tokens per classified document, special tokens included", document_tokens.clone());
+        let stage_duration = Family::<StageLabels, Histogram>::new_with_constructor(seconds_histogram as fn() -> Histogram);
         registry.register_with_unit(
             "document_stage_duration",
             "Per document: tokenize (and lexical stage), queue (longest wait of its windows), inference (its windows' batches)",
@@ -148,23 +120,11 @@ impl Metrics {
             stage_duration.clone(),
         );
         let batch_rows = Histogram::new(exponential_buckets(1.0, 2.0, 10));
-        registry.register(
-            "batch_rows",
-            "Sequences per computed batch",
-            batch_rows.clone(),
-        );
+        registry.register("batch_rows", "Sequences per computed batch (failed batches are not counted)", batch_rows.clone());
         let batch_padded_tokens = Histogram::new(exponential_buckets(16.0, 2.0, 12));
-        registry.register(
-            "batch_padded_tokens",
-            "Padded tokens (rows x longest row) per computed batch",
-            batch_padded_tokens.clone(),
-        );
+        registry.register("batch_padded_tokens", "Padded tokens (rows x longest row) per computed batch", batch_padded_tokens.clone());
         let batch_failures = Counter::default();
-        registry.register(
-            "batch_failures",
-            "Batches the backend failed to compute",
-            batch_failures.clone(),
-        );
+        registry.register("batch_failures", "Batches the backend failed to compute", batch_failures.clone());
         let dropped_sequences = Counter::default();
         registry.register(
             "dropped_sequences",
@@ -174,21 +134,17 @@ impl Metrics {
         let queued_sequences = Gauge::default();
         registry.register(
             "queued_sequences",
-            "Windows admitted and not yet computed (limit: --max-queue-sequences)",
+            "Windows admitted and not yet answered, queued or computing (limit: --max-queue-sequences)",
             queued_sequences.clone(),
         );
         let ready = Gauge::default();
-        registry.register(
-            "ready",
-            "1 while the model is loaded, warmed up and its backend healthy (grpc.health SERVING)",
-            ready.clone(),
-        );
+        registry.register("ready", "1 while the model is loaded, warmed up and its backend healthy (grpc.health SERVING)", ready.clone());
         let model = Family::<ModelLabels, Gauge>::default();
         registry.register("model_info", "The served model (value 1)", model.clone());
         Self {
             registry,
-            calls,
-            call_duration,
+            requests,
+            request_duration,
             documents,
             truncated_documents,
             document_tokens,
@@ -203,54 +159,30 @@ impl Metrics {
         }
     }
 
-    /// Starts timing a call (or stream item); see [`Call`].
-    pub fn start_call(&self, rpc: Rpc) -> Call<'_> {
-        Call {
-            metrics: self,
-            rpc,
-            started: Instant::now(),
-            finished: false,
-        }
+    /// Starts timing a request; see [`Request`].
+    pub fn start_request(&self, rpc: Rpc) -> Request<'_> {
+        Request { metrics: self, rpc, started: Instant::now(), finished: false }
     }
 
-    /// Records an answered call (or stream item): its status and duration, and on success
-    /// each document's label, length and timing.
-    fn observe_call(&self, rpc: Rpc, outcome: Result<&[DocumentResult], Code>, elapsed: Duration) {
+    /// Records an answered request: its status and duration, and on success each
+    /// document's label, length and timing.
+    fn observe_request(&self, rpc: Rpc, outcome: Result<&[DocumentResult], Code>, elapsed: Duration) {
         let code = match outcome {
             Ok(_) => Code::Ok,
             Err(code) => code,
         };
-        self.calls
-            .get_or_create(&CallLabels {
-                rpc: rpc.name(),
-                code: code_name(code),
-            })
-            .inc();
-        self.call_duration
-            .get_or_create(&RpcLabels { rpc: rpc.name() })
-            .observe(elapsed.as_secs_f64());
+        self.requests.get_or_create(&RequestLabels { rpc: rpc.name(), code: code_name(code) }).inc();
+        self.request_duration.get_or_create(&RpcLabels { rpc: rpc.name() }).observe(elapsed.as_secs_f64());
         for doc in outcome.unwrap_or_default() {
-            let label = if doc.label == Label::Deal as i32 {
-                "deal"
-            } else {
-                "non_deal"
-            };
-            self.documents
-                .get_or_create(&DocumentLabels { label })
-                .inc();
+            let label = if doc.label == Label::Deal as i32 { "deal" } else { "non_deal" };
+            self.documents.get_or_create(&DocumentLabels { label }).inc();
             if doc.truncated {
                 self.truncated_documents.inc();
             }
             self.document_tokens.observe(doc.token_count as f64);
             if let Some(t) = &doc.timing {
-                for (stage, us) in [
-                    ("tokenize", t.tokenize_us),
-                    ("queue", t.queue_us),
-                    ("inference", t.inference_us),
-                ] {
-                    self.stage_duration
-                        .get_or_create(&StageLabels { stage })
-                        .observe(us as f64 * 1e-6);
+                for (stage, us) in [("tokenize", t.tokenize_us), ("queue", t.queue_us), ("inference", t.inference_us)] {
+                    self.stage_duration.get_or_create(&StageLabels { stage }).observe(us as f64 * 1e-6);
                 }
             }
         }
@@ -278,13 +210,8 @@ impl Metrics {
     /// The served model, and whether it is ready.
     pub fn set_serving(&self, model_id: &str, version: &str, backend: &str) {
         self.model.clear();
-        self.model
-            .get_or_create(&ModelLabels {
-                model_id: model_id.into(),
-                version: version.into(),
-                backend: backend.into(),
-            })
-            .set(1);
+        let labels = ModelLabels { model_id: model_id.into(), version: version.into(), backend: backend.into() };
+        self.model.get_or_create(&labels).set(1);
         self.ready.set(1);
     }
 
@@ -301,28 +228,26 @@ impl Metrics {
     }
 }
 
-/// A call being answered. `finish` records its outcome; a call dropped before that (its
-/// client cancelled or went away, and tonic dropped the handler) counts as `CANCELLED`.
-pub struct Call<'a> {
+/// A request being answered. `finish` records its outcome; a request dropped before that
+/// (its client cancelled or went away, and tonic dropped the handler) counts as `CANCELLED`.
+pub struct Request<'a> {
     metrics: &'a Metrics,
     rpc: Rpc,
     started: Instant,
     finished: bool,
 }
 
-impl Call<'_> {
+impl Request<'_> {
     pub fn finish(mut self, outcome: Result<&[DocumentResult], Code>) {
-        self.metrics
-            .observe_call(self.rpc, outcome, self.started.elapsed());
+        self.metrics.observe_request(self.rpc, outcome, self.started.elapsed());
         self.finished = true;
     }
 }
 
-impl Drop for Call<'_> {
+impl Drop for Request<'_> {
     fn drop(&mut self) {
         if !self.finished {
-            self.metrics
-                .observe_call(self.rpc, Err(Code::Cancelled), self.started.elapsed());
+            self.metrics.observe_request(self.rpc, Err(Code::Cancelled), self.started.elapsed());
         }
     }
 }
@@ -360,24 +285,13 @@ fn code_name(code: Code) -> &'static str {
 }
 
 /// Serves `GET /metrics` until `shutdown` resolves.
-pub async fn serve(
-    listener: TcpListener,
-    metrics: Arc<Metrics>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
     let scrape = move || {
         let metrics = metrics.clone();
-        async move {
-            (
-                [(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)],
-                metrics.encode(),
-            )
-        }
+        async move { ([(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)], metrics.encode()) }
     };
     let app = axum::Router::new().route("/metrics", axum::routing::get(scrape));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 
 #[cfg(test)]
@@ -390,35 +304,26 @@ mod tests {
             label: label as i32,
             token_count: tokens,
             truncated,
-            timing: Some(Timing {
-                tokenize_us: 50,
-                queue_us: 2_000,
-                inference_us: 30_000,
-            }),
+            timing: Some(Timing { tokenize_us: 50, queue_us: 2_000, inference_us: 30_000 }),
             ..Default::default()
         }
     }
 
     #[test]
-    fn calls_documents_and_batches_are_counted() {
+    fn requests_documents_and_batches_are_counted() {
         let metrics = Metrics::new();
-        let docs = [
-            result(Label::Deal, 20, false),
-            result(Label::NonDeal, 300, true),
-        ];
-        metrics.observe_call(Rpc::Classify, Ok(&docs), Duration::from_millis(40));
-        metrics
-            .start_call(Rpc::ClassifyStream)
-            .finish(Err(Code::InvalidArgument));
-        drop(metrics.start_call(Rpc::Classify));
+        let docs = [result(Label::Deal, 20, false), result(Label::NonDeal, 300, true)];
+        metrics.observe_request(Rpc::Classify, Ok(&docs), Duration::from_millis(40));
+        metrics.start_request(Rpc::ClassifyStream).finish(Err(Code::InvalidArgument));
+        drop(metrics.start_request(Rpc::Classify));
         metrics.observe_batch(2, 256);
         let queued = metrics.queued();
         let text = metrics.encode();
         for line in [
-            "dealsift_calls_total{rpc=\"Classify\",code=\"OK\"} 1",
-            "dealsift_calls_total{rpc=\"ClassifyStream\",code=\"INVALID_ARGUMENT\"} 1",
-            "dealsift_calls_total{rpc=\"Classify\",code=\"CANCELLED\"} 1",
-            "dealsift_call_duration_seconds_count{rpc=\"Classify\"} 2",
+            "dealsift_requests_total{rpc=\"Classify\",code=\"OK\"} 1",
+            "dealsift_requests_total{rpc=\"ClassifyStream\",code=\"INVALID_ARGUMENT\"} 1",
+            "dealsift_requests_total{rpc=\"Classify\",code=\"CANCELLED\"} 1",
+            "dealsift_request_duration_seconds_count{rpc=\"Classify\"} 2",
             "dealsift_documents_total{label=\"deal\"} 1",
             "dealsift_documents_total{label=\"non_deal\"} 1",
             "dealsift_truncated_documents_total 1",
@@ -430,16 +335,10 @@ mod tests {
             "dealsift_queued_sequences 1",
             "dealsift_ready 0",
         ] {
-            assert!(
-                text.lines().any(|l| l == line),
-                "no line {line:?} in\n{text}"
-            );
+            assert!(text.lines().any(|l| l == line), "no line {line:?} in\n{text}");
         }
         drop(queued);
-        assert!(metrics
-            .encode()
-            .lines()
-            .any(|l| l == "dealsift_queued_sequences 0"));
+        assert!(metrics.encode().lines().any(|l| l == "dealsift_queued_sequences 0"));
         assert!(text.ends_with("# EOF\n"));
     }
 
@@ -448,12 +347,7 @@ mod tests {
         let metrics = Metrics::new();
         metrics.set_serving("m", "1.0.0", "cpu");
         let text = metrics.encode();
-        assert!(
-            text.contains(
-                "dealsift_model_info{model_id=\"m\",version=\"1.0.0\",backend=\"cpu\"} 1"
-            ),
-            "{text}"
-        );
+        assert!(text.contains("dealsift_model_info{model_id=\"m\",version=\"1.0.0\",backend=\"cpu\"} 1"), "{text}");
         assert!(text.lines().any(|l| l == "dealsift_ready 1"));
         metrics.set_not_ready();
         assert!(metrics.encode().lines().any(|l| l == "dealsift_ready 0"));

@@ -191,6 +191,34 @@ async fn bad_input_is_invalid_argument_with_a_fix() {
     server.stop().await.unwrap();
 }
 
+/// Compressed calls (gzip, deflate) are answered, and compressed if the client asks; a small
+/// request that inflates past the message limit is refused, not inflated.
+#[tokio::test]
+async fn compressed_calls_are_answered_and_inflation_is_bounded() {
+    use tonic::codec::CompressionEncoding;
+    let server = TestServer::ready().await;
+    let plain = server.client().await.classify(request(vec![doc("a", HEADLINES[0])])).await.unwrap().into_inner();
+    for encoding in [CompressionEncoding::Gzip, CompressionEncoding::Deflate] {
+        let mut client = server.client().await.send_compressed(encoding).accept_compressed(encoding);
+        let answer = client.classify(request(vec![doc("a", HEADLINES[0])])).await.unwrap();
+        let expected = match encoding {
+            CompressionEncoding::Gzip => "gzip",
+            _ => "deflate",
+        };
+        assert_eq!(answer.metadata().get("grpc-encoding").and_then(|v| v.to_str().ok()), Some(expected));
+        let without_timing = |results: Vec<dealsift::proto::DocumentResult>| {
+            results.into_iter().map(|r| dealsift::proto::DocumentResult { timing: None, ..r }).collect::<Vec<_>>()
+        };
+        assert_eq!(without_timing(answer.into_inner().results), without_timing(plain.results.clone()));
+    }
+    // 5 MB of text compresses to a few kB; the server's message limit is 4 MiB.
+    let mut client = server.client().await.send_compressed(CompressionEncoding::Gzip);
+    let err = client.classify(request(vec![doc("a", &"x".repeat(5 << 20))])).await.expect_err("over the message limit once inflated");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("size limit"), "{err:?}");
+    server.stop().await.unwrap();
+}
+
 fn with_options(threshold: Option<f32>, long_text: i32) -> dealsift::proto::ClassifyRequest {
     let mut req = request(vec![doc("a", HEADLINES[0])]);
     req.options = Some(ClassifyOptions { threshold, long_text });
@@ -254,16 +282,15 @@ async fn work_of_a_client_that_went_away_is_dropped() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(rows.load(Ordering::SeqCst), 2, "warm-up and blocker only");
     let (_, _, metrics) = server.scrape().await;
-    for line in ["dealsift_dropped_sequences_total 1", "dealsift_calls_total{rpc=\"Classify\",code=\"CANCELLED\"} 1"] {
+    for line in ["dealsift_dropped_sequences_total 1", "dealsift_requests_total{rpc=\"Classify\",code=\"CANCELLED\"} 1"] {
         assert!(metrics.lines().any(|l| l == line), "no {line:?} in\n{metrics}");
     }
     server.stop().await.unwrap();
 }
 
-/// `GET /metrics` counts calls by RPC and status code, documents, tokens and batches, and
-/// stops with the server.
+/// `GET /metrics` counts requests by RPC and status code, documents, tokens and batches.
 #[tokio::test]
-async fn metrics_count_calls_documents_and_batches() {
+async fn metrics_count_requests_documents_and_batches() {
     let server = TestServer::ready().await;
     let mut client = server.client().await;
     client.classify(request(HEADLINES[..3].iter().map(|t| doc("a", t)).collect())).await.unwrap();
@@ -283,11 +310,11 @@ async fn metrics_count_calls_documents_and_batches() {
             .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
             .map_or(0.0, |v| v.trim().parse().unwrap())
     };
-    assert_eq!(value("dealsift_calls_total{rpc=\"Classify\",code=\"OK\"}"), 1.0, "{body}");
-    assert_eq!(value("dealsift_calls_total{rpc=\"Classify\",code=\"INVALID_ARGUMENT\"}"), 1.0);
-    assert_eq!(value("dealsift_calls_total{rpc=\"ClassifyStream\",code=\"OK\"}"), 1.0);
-    assert_eq!(value("dealsift_calls_total{rpc=\"ClassifyStream\",code=\"INVALID_ARGUMENT\"}"), 1.0);
-    assert_eq!(value("dealsift_call_duration_seconds_count{rpc=\"Classify\"}"), 2.0);
+    assert_eq!(value("dealsift_requests_total{rpc=\"Classify\",code=\"OK\"}"), 1.0, "{body}");
+    assert_eq!(value("dealsift_requests_total{rpc=\"Classify\",code=\"INVALID_ARGUMENT\"}"), 1.0);
+    assert_eq!(value("dealsift_requests_total{rpc=\"ClassifyStream\",code=\"OK\"}"), 1.0);
+    assert_eq!(value("dealsift_requests_total{rpc=\"ClassifyStream\",code=\"INVALID_ARGUMENT\"}"), 1.0);
+    assert_eq!(value("dealsift_request_duration_seconds_count{rpc=\"Classify\"}"), 2.0);
     assert_eq!(value("dealsift_documents_total{label=\"deal\"}") + value("dealsift_documents_total{label=\"non_deal\"}"), 4.0);
     assert_eq!(value("dealsift_document_tokens_count"), 4.0);
     assert_eq!(value("dealsift_document_stage_duration_seconds_count{stage=\"inference\"}"), 4.0);
@@ -296,9 +323,8 @@ async fn metrics_count_calls_documents_and_batches() {
     assert_eq!(value("dealsift_queued_sequences"), 0.0);
     assert_eq!(value("dealsift_ready"), 1.0);
     assert!(body.contains("dealsift_model_info{model_id=\"tiny-bert\""), "{body}");
-    let metrics_addr = server.metrics_addr;
+    // `run` returns only once the metrics endpoint has stopped too.
     server.stop().await.unwrap();
-    assert!(tokio::net::TcpStream::connect(metrics_addr).await.is_err(), "the metrics endpoint stops with the server");
 }
 
 #[tokio::test]
@@ -338,6 +364,20 @@ async fn backend_failure_marks_not_serving_and_is_unavailable() {
     assert_eq!(server.health().await, ServingStatus::NotServing);
     let err = client.classify(request(vec![doc("a", HEADLINES[0])])).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
+    let item = ClassifyStreamRequest { document: Some(doc("s", HEADLINES[0])), options: None };
+    let err = client.classify_stream(futures::stream::iter([item])).await.expect_err("a stream is refused too");
+    assert_eq!(err.code(), Code::Unavailable);
+    // The failure shows in the metrics: every refusal counted, the failed batch, readiness 0.
+    let (_, _, metrics) = server.scrape().await;
+    for line in [
+        "dealsift_requests_total{rpc=\"Classify\",code=\"UNAVAILABLE\"} 2",
+        "dealsift_requests_total{rpc=\"ClassifyStream\",code=\"UNAVAILABLE\"} 1",
+        "dealsift_batch_failures_total 1",
+        "dealsift_batch_rows_count 1",
+        "dealsift_ready 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "no {line:?} in\n{metrics}");
+    }
     server.stop().await.unwrap();
 }
 
