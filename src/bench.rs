@@ -22,6 +22,7 @@ use serde::Serialize;
 use crate::backend::cpu::{CpuBackend, CpuKernels};
 use crate::backend::{Backend, Batch};
 use crate::batcher::BatcherConfig;
+use crate::client::ClientTls;
 use crate::engine::{Admission, Doc, Engine, ModelDir, Options};
 use crate::proto::deal_classifier_client::DealClassifierClient;
 use crate::proto::{ClassifyOptions, ClassifyRequest, Document, Timing};
@@ -127,10 +128,10 @@ pub enum Target {
 
 impl Target {
     /// Connects to a server, or loads the model in process with the server's defaults.
-    pub async fn open(server: Option<&str>, model_dir: &Path, batcher: BatcherConfig) -> anyhow::Result<Self> {
+    pub async fn open(server: Option<&str>, tls: &ClientTls, model_dir: &Path, batcher: BatcherConfig) -> anyhow::Result<Self> {
         match server {
             Some(url) => {
-                let client = DealClassifierClient::connect(url.to_string()).await.with_context(|| format!("cannot connect to {url}"))?;
+                let client = DealClassifierClient::new(crate::client::connect(url, tls).await?);
                 Ok(Self::Grpc(client.max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20)))
             }
             None => {

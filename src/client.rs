@@ -1,7 +1,10 @@
 //! `dealsift classify`: a command-line client that prints one JSON line per document.
 
 use std::io::{BufRead, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use serde::{Deserialize, Serialize};
 
@@ -69,8 +72,37 @@ fn output_line(r: &DocumentResult) -> OutputLine<'_> {
     }
 }
 
+/// TLS for a client of an `https://` server: the server's certificate is checked against `ca`
+/// (default: the system's roots); `identity` (certificate, key; PEM) answers a server that
+/// asks for client certificates.
+#[derive(Debug, Clone, Default)]
+pub struct ClientTls {
+    pub ca: Option<PathBuf>,
+    pub identity: Option<(PathBuf, PathBuf)>,
+}
+
+/// A channel to `url`: plaintext for `http://`, TLS for `https://`.
+pub async fn connect(url: &str, tls: &ClientTls) -> anyhow::Result<Channel> {
+    let read = |path: &Path| std::fs::read(path).with_context(|| format!("cannot read {}", path.display()));
+    let mut endpoint = Endpoint::from_shared(url.to_string()).with_context(|| format!("{url} is not a server URL (http://host:port or https://host:port)"))?;
+    if url.starts_with("https://") {
+        let mut config = match &tls.ca {
+            Some(ca) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?)),
+            None => ClientTlsConfig::new().with_native_roots(),
+        };
+        if let Some((cert, key)) = &tls.identity {
+            config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        endpoint = endpoint.tls_config(config).context("TLS client configuration")?;
+    } else {
+        anyhow::ensure!(tls.ca.is_none() && tls.identity.is_none(), "TLS options need an https:// server URL, not {url}");
+    }
+    endpoint.connect().await.with_context(|| format!("cannot connect to {url}"))
+}
+
 pub struct ClassifyArgs {
     pub addr: String,
+    pub tls: ClientTls,
     pub documents: Vec<Document>,
     pub batch_size: usize,
     pub threshold: Option<f32>,
@@ -80,10 +112,7 @@ pub struct ClassifyArgs {
 
 /// Sends documents in calls of `batch_size` and writes results to `out` in input order.
 pub async fn classify(args: ClassifyArgs, out: &mut impl Write) -> anyhow::Result<()> {
-    let mut client = DealClassifierClient::connect(args.addr.clone())
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", args.addr))?
-        .max_decoding_message_size(64 << 20);
+    let mut client = DealClassifierClient::new(connect(&args.addr, &args.tls).await?).max_decoding_message_size(64 << 20);
     let bar = if args.progress {
         let bar = indicatif::ProgressBar::new(args.documents.len() as u64);
         bar.set_style(

@@ -126,6 +126,8 @@ struct BenchLoadArgs {
     /// Server to load; without it the model runs in process behind the same engine.
     #[arg(long)]
     server: Option<String>,
+    #[command(flatten)]
+    tls: ClientTlsArgs,
     /// Model for the in-process run.
     #[arg(long, env = "DEALSIFT_MODEL_DIR", default_value = DEFAULT_MODEL_DIR)]
     model_dir: PathBuf,
@@ -253,6 +255,8 @@ struct EvalArgs {
     /// Score through a running server instead (e.g. http://127.0.0.1:50051).
     #[arg(long)]
     server: Option<String>,
+    #[command(flatten)]
+    tls: ClientTlsArgs,
     #[arg(long, env = "DEALSIFT_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// Modern labels files (repeatable; default: every round in data/).
@@ -368,6 +372,15 @@ struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "DEALSIFT_ADDR", default_value = "0.0.0.0:50051")]
     addr: SocketAddr,
+    /// PEM certificate chain for TLS on the gRPC port (with --tls-key); without it, plaintext.
+    #[arg(long, env = "DEALSIFT_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "DEALSIFT_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA certificate: only clients presenting a certificate it signed are answered (mutual TLS).
+    #[arg(long, env = "DEALSIFT_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
     /// Where Prometheus metrics are served (plain HTTP, GET /metrics); `off` disables them.
     #[arg(long, env = "DEALSIFT_METRICS_ADDR", default_value = "0.0.0.0:9464", value_parser = parse_metrics_addr)]
     metrics_addr: MetricsAddr,
@@ -425,6 +438,8 @@ struct ServeArgs {
 struct ClassifyCli {
     /// Texts to classify (each one document).
     texts: Vec<String>,
+    #[command(flatten)]
+    tls: ClientTlsArgs,
     /// A file of documents: JSONL ({"id", "title", "text"}) or plain text, one per line.
     #[arg(long, short)]
     file: Option<PathBuf>,
@@ -537,7 +552,7 @@ fn bench(command: BenchCommand) -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(async move {
                 let batcher = ServeArgs::parse_from(["serve"]).batcher();
-                let target = bench::Target::open(args.server.as_deref(), &args.model_dir, batcher).await?;
+                let target = bench::Target::open(args.server.as_deref(), &args.tls.client(), &args.model_dir, batcher).await?;
                 let (warmup, duration) = (Duration::from_secs_f64(args.warmup), Duration::from_secs_f64(args.duration));
                 let mut paces = vec![match args.rate {
                     Some(calls_per_s) => bench::Pace::Open { calls_per_s },
@@ -578,7 +593,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_stream_in_flight: args.max_stream_in_flight,
         default_long_text: args.long_text.into(),
     };
-    let config = ServerConfig { batcher: batcher.clone(), limits, max_message_bytes: args.max_message_bytes };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(server::tls_config(cert, key, args.tls_client_ca.as_deref())?),
+        _ => None,
+    };
+    let config = ServerConfig { batcher: batcher.clone(), limits, max_message_bytes: args.max_message_bytes, tls };
     let spec = ModelSpec { dir: args.model_dir.clone(), max_sequence_length: args.max_sequence_length, cpu_kernels: args.cpu_kernels.into() };
     let max_chunks = args.max_chunks_per_document;
     let runtime = tokio::runtime::Runtime::new()?;
@@ -601,6 +620,27 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+/// TLS options of the client commands (for an https:// server).
+#[derive(clap::Args)]
+struct ClientTlsArgs {
+    /// PEM CA certificate the server's certificate must chain to (default: the system's roots).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// PEM client certificate, for a server that requires one (with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+impl ClientTlsArgs {
+    fn client(&self) -> dealsift::client::ClientTls {
+        let identity = self.tls_cert.clone().zip(self.tls_key.clone());
+        dealsift::client::ClientTls { ca: self.tls_ca.clone(), identity }
+    }
 }
 
 /// `--metrics-addr`: an address, or none for `off`.
@@ -653,6 +693,7 @@ fn classify(args: ClassifyCli) -> anyhow::Result<()> {
         .map_or(dealsift::proto::LongText::Unspecified, |mode| LongText::from(mode).into());
     let request = dealsift::client::ClassifyArgs {
         addr: args.server,
+        tls: args.tls.client(),
         documents,
         batch_size: args.batch_size,
         threshold: args.threshold,
@@ -757,9 +798,8 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let (mut scorer, default_threshold) = match &args.server {
             Some(url) => {
-                let mut client = dealsift::proto::deal_classifier_client::DealClassifierClient::connect(url.clone())
-                    .await
-                    .with_context(|| format!("cannot connect to {url}"))?;
+                let channel = dealsift::client::connect(url, &args.tls.client()).await?;
+                let mut client = dealsift::proto::deal_classifier_client::DealClassifierClient::new(channel);
                 let info = client.get_model_info(dealsift::proto::GetModelInfoRequest {}).await?.into_inner();
                 (dealsift::eval::Scorer::Remote(client), info.default_threshold)
             }

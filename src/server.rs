@@ -2,14 +2,14 @@
 //! in the background, flip health to SERVING, and shut down gracefully.
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tonic::codec::CompressionEncoding;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::Server;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
 use crate::backend::cpu::{CpuBackend, CpuKernels};
@@ -31,6 +31,19 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// Largest request message accepted, in bytes.
     pub max_message_bytes: usize,
+    /// TLS on the gRPC port (see [`tls_config`]); `None` serves plaintext.
+    pub tls: Option<ServerTlsConfig>,
+}
+
+/// TLS from PEM files: the server's certificate chain and key, and optionally the CA whose
+/// certificates clients must present (mutual TLS: only they are answered).
+pub fn tls_config(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<ServerTlsConfig, ServeError> {
+    let read = |path: &Path| std::fs::read(path).map_err(|e| ServeError::Tls(format!("{}: {e}", path.display())));
+    let config = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
+    Ok(match client_ca {
+        Some(ca) => config.client_ca_root(Certificate::from_pem(read(ca)?)),
+        None => config,
+    })
 }
 
 /// How long the metrics endpoint may take to finish its open scrapes at shutdown.
@@ -67,6 +80,8 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("metrics endpoint: {0}")]
     Metrics(#[source] std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// Which backend runs the model.
@@ -134,6 +149,14 @@ pub async fn run<L>(
 where
     L: FnOnce(EngineHooks) -> Result<Engine, ModelError> + Send + 'static,
 {
+    let mut server = Server::builder();
+    if let Some(tls) = config.tls.clone() {
+        // Checks the certificate and key before anything starts.
+        server = server.tls_config(tls).map_err(|e| {
+            let cause = std::iter::successors(std::error::Error::source(&e), |e| e.source()).map(|e| e.to_string()).collect::<Vec<_>>();
+            ServeError::Tls(format!("{e} ({}): check --tls-cert, --tls-key and --tls-client-ca", cause.join(": ")))
+        })?;
+    }
     let metrics = Arc::new(Metrics::new());
     // Dropped when gRPC has stopped: the metrics endpoint stops with it.
     let (metrics_stop, mut metrics_stopped) = tokio::sync::watch::channel(());
@@ -222,7 +245,7 @@ where
             Ok(err) = failed_rx => load_failure = Some(err),
         }
     };
-    Server::builder()
+    server
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

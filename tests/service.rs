@@ -219,6 +219,57 @@ async fn compressed_calls_are_answered_and_inflation_is_bounded() {
     server.stop().await.unwrap();
 }
 
+/// With a certificate and key the gRPC port speaks only TLS; with a client CA as well, it
+/// answers only clients presenting a certificate that CA signed. A bad key stops the server
+/// before it serves.
+#[tokio::test]
+async fn tls_and_mutual_tls() {
+    use dealsift::client::{connect, ClientTls};
+    use dealsift::proto::deal_classifier_client::DealClassifierClient;
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let pem = |name: &str| fixture_dir().with_file_name("tls").join(name);
+    let trusted = ClientTls { ca: Some(pem("ca.pem")), identity: None };
+    let with_certificate = ClientTls { identity: Some((pem("client.pem"), pem("client.key"))), ..trusted.clone() };
+    for client_ca in [None, Some(pem("ca.pem"))] {
+        let mut config = config();
+        config.tls = Some(dealsift::server::tls_config(&pem("server.pem"), &pem("server.key"), client_ca.as_deref()).unwrap());
+        let load = loader(&config, plain);
+        let server = TestServer::start(config, load).await;
+        let url = format!("https://127.0.0.1:{}", server.addr.port());
+        let client_tls = if client_ca.is_some() { &with_certificate } else { &trusted };
+        let channel = connect(&url, client_tls).await.unwrap();
+        let mut health = HealthClient::new(channel.clone());
+        for _ in 0..500 {
+            let status = health.check(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner().status;
+            if status == ServingStatus::Serving as i32 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let answer = DealClassifierClient::new(channel).classify(request(vec![doc("a", HEADLINES[0])])).await.unwrap();
+        assert_eq!(answer.into_inner().results.len(), 1);
+        // Plaintext gets no answer; nor does a client without a certificate when one is required.
+        let mut refused = vec![format!("http://127.0.0.1:{}", server.addr.port())];
+        if client_ca.is_some() {
+            refused.push(url.clone());
+        }
+        for target in refused {
+            let tls = if target.starts_with("https") { trusted.clone() } else { ClientTls::default() };
+            if let Ok(channel) = connect(&target, &tls).await {
+                let answer = DealClassifierClient::new(channel).classify(request(vec![doc("a", HEADLINES[0])])).await;
+                assert!(answer.is_err(), "{target} answered a client it should refuse");
+            }
+        }
+        server.stop().await.unwrap();
+    }
+    let mut config = config();
+    config.tls = Some(dealsift::server::tls_config(&pem("server.pem"), &pem("ca.pem"), None).unwrap());
+    let load = loader(&config, plain);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = dealsift::server::run(listener, None, load, config, std::future::pending()).await.unwrap_err();
+    assert!(err.to_string().contains("--tls-key"), "{err}");
+}
+
 fn with_options(threshold: Option<f32>, long_text: i32) -> dealsift::proto::ClassifyRequest {
     let mut req = request(vec![doc("a", HEADLINES[0])]);
     req.options = Some(ClassifyOptions { threshold, long_text });

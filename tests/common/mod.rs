@@ -43,6 +43,7 @@ pub fn config() -> ServerConfig {
             default_long_text: LongText::Truncate,
         },
         max_message_bytes: 4 << 20,
+        tls: None,
     }
 }
 
