@@ -381,6 +381,9 @@ struct ServeArgs {
     /// PEM CA certificate: only clients presenting a certificate it signed are answered (mutual TLS).
     #[arg(long, env = "DEALSIFT_TLS_CLIENT_CA", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// Seconds a connection may take to finish its TLS handshake before it is closed.
+    #[arg(long, env = "DEALSIFT_TLS_HANDSHAKE_TIMEOUT_S", default_value_t = 10)]
+    tls_handshake_timeout_s: u64,
     /// Where Prometheus metrics are served (plain HTTP, GET /metrics); `off` disables them.
     #[arg(long, env = "DEALSIFT_METRICS_ADDR", default_value = "0.0.0.0:9464", value_parser = parse_metrics_addr)]
     metrics_addr: MetricsAddr,
@@ -594,7 +597,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         default_long_text: args.long_text.into(),
     };
     let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => Some(server::tls_config(cert, key, args.tls_client_ca.as_deref())?),
+        (Some(cert), Some(key)) => {
+            let handshake_timeout = Duration::from_secs(args.tls_handshake_timeout_s);
+            Some(server::tls_config(cert, key, args.tls_client_ca.as_deref(), handshake_timeout)?)
+        }
         _ => None,
     };
     let config = ServerConfig { batcher: batcher.clone(), limits, max_message_bytes: args.max_message_bytes, tls };
@@ -603,7 +609,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(args.addr).await.with_context(|| format!("cannot listen on {}", args.addr))?;
-        tracing::info!(addr = %listener.local_addr()?, model_dir = %spec.dir.display(), "listening; loading model");
+        let tls = match (&args.tls_cert, &args.tls_client_ca) {
+            (None, _) => "off",
+            (Some(_), None) => "on",
+            (Some(_), Some(_)) => "mutual",
+        };
+        tracing::info!(addr = %listener.local_addr()?, tls, model_dir = %spec.dir.display(), "listening; loading model");
         let metrics_listener = match args.metrics_addr.0 {
             Some(addr) => {
                 let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} for metrics (--metrics-addr; 'off' disables)"))?;
@@ -626,10 +637,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 #[derive(clap::Args)]
 struct ClientTlsArgs {
     /// PEM CA certificate the server's certificate must chain to (default: the system's roots).
-    #[arg(long)]
+    #[arg(long, requires = "server")]
     tls_ca: Option<PathBuf>,
     /// PEM client certificate, for a server that requires one (with --tls-key).
-    #[arg(long, requires = "tls_key")]
+    #[arg(long, requires_all = ["tls_key", "server"])]
     tls_cert: Option<PathBuf>,
     /// PEM private key of --tls-cert.
     #[arg(long, requires = "tls_cert")]

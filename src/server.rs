@@ -36,12 +36,15 @@ pub struct ServerConfig {
 }
 
 /// TLS from PEM files: the server's certificate chain and key, and optionally the CA whose
-/// certificates clients must present (mutual TLS: only they are answered).
-pub fn tls_config(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<ServerTlsConfig, ServeError> {
-    let read = |path: &Path| std::fs::read(path).map_err(|e| ServeError::Tls(format!("{}: {e}", path.display())));
-    let config = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
+/// certificates clients must present (mutual TLS: only they are answered). A connection that
+/// has not finished its handshake within `handshake_timeout` is closed.
+pub fn tls_config(cert: &Path, key: &Path, client_ca: Option<&Path>, handshake_timeout: Duration) -> Result<ServerTlsConfig, ServeError> {
+    let read = |path: &Path, flag: &str| std::fs::read(path).map_err(|e| ServeError::Tls(format!("{flag} {}: {e}", path.display())));
+    let config = ServerTlsConfig::new()
+        .identity(Identity::from_pem(read(cert, "--tls-cert")?, read(key, "--tls-key")?))
+        .timeout(handshake_timeout);
     Ok(match client_ca {
-        Some(ca) => config.client_ca_root(Certificate::from_pem(read(ca)?)),
+        Some(ca) => config.client_ca_root(Certificate::from_pem(read(ca, "--tls-client-ca")?)),
         None => config,
     })
 }

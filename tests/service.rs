@@ -220,8 +220,8 @@ async fn compressed_calls_are_answered_and_inflation_is_bounded() {
 }
 
 /// With a certificate and key the gRPC port speaks only TLS; with a client CA as well, it
-/// answers only clients presenting a certificate that CA signed. A bad key stops the server
-/// before it serves.
+/// answers only clients presenting a certificate that CA signed. A key that is not the
+/// certificate's stops the server before it serves.
 #[tokio::test]
 async fn tls_and_mutual_tls() {
     use dealsift::client::{connect, ClientTls};
@@ -232,7 +232,7 @@ async fn tls_and_mutual_tls() {
     let with_certificate = ClientTls { identity: Some((pem("client.pem"), pem("client.key"))), ..trusted.clone() };
     for client_ca in [None, Some(pem("ca.pem"))] {
         let mut config = config();
-        config.tls = Some(dealsift::server::tls_config(&pem("server.pem"), &pem("server.key"), client_ca.as_deref()).unwrap());
+        config.tls = Some(dealsift::server::tls_config(&pem("server.pem"), &pem("server.key"), client_ca.as_deref(), Duration::from_secs(10)).unwrap());
         let load = loader(&config, plain);
         let server = TestServer::start(config, load).await;
         let url = format!("https://127.0.0.1:{}", server.addr.port());
@@ -263,7 +263,8 @@ async fn tls_and_mutual_tls() {
         server.stop().await.unwrap();
     }
     let mut config = config();
-    config.tls = Some(dealsift::server::tls_config(&pem("server.pem"), &pem("ca.pem"), None).unwrap());
+    // The key of another certificate.
+    config.tls = Some(dealsift::server::tls_config(&pem("server.pem"), &pem("client.key"), None, Duration::from_secs(10)).unwrap());
     let load = loader(&config, plain);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let err = dealsift::server::run(listener, None, load, config, std::future::pending()).await.unwrap_err();
