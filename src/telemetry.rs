@@ -219,6 +219,11 @@ impl Metrics {
         self.ready.set(0);
     }
 
+    /// As grpc.health says for the classifier: loaded, warmed up and its backend healthy.
+    pub fn is_ready(&self) -> bool {
+        self.ready.get() == 1
+    }
+
     /// The OpenMetrics text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut text = String::new();
@@ -285,12 +290,25 @@ fn code_name(code: Code) -> &'static str {
 }
 
 /// Serves `GET /metrics` until `shutdown` resolves.
+/// Serves `GET /metrics` and `GET /health` until `shutdown` resolves. `/health` answers 200
+/// `SERVING` or 503 `NOT_SERVING` as grpc.health does, for probes and load balancers that
+/// speak HTTP only (Kubernetes' gRPC probes cannot reach a TLS gRPC port).
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    let scraped = metrics.clone();
     let scrape = move || {
-        let metrics = metrics.clone();
+        let metrics = scraped.clone();
         async move { ([(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)], metrics.encode()) }
     };
-    let app = axum::Router::new().route("/metrics", axum::routing::get(scrape));
+    let health = move || {
+        let ready = metrics.is_ready();
+        async move {
+            match ready {
+                true => (axum::http::StatusCode::OK, "SERVING\n"),
+                false => (axum::http::StatusCode::SERVICE_UNAVAILABLE, "NOT_SERVING\n"),
+            }
+        }
+    };
+    let app = axum::Router::new().route("/metrics", axum::routing::get(scrape)).route("/health", axum::routing::get(health));
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 

@@ -133,12 +133,16 @@ async fn health_goes_from_not_serving_to_serving() {
     };
     let server = TestServer::start(config, gated).await;
     assert_eq!(server.health().await, ServingStatus::NotServing);
+    let (status, _, body) = server.http_get("/health").await;
+    assert_eq!((status.as_str(), body.as_str()), ("HTTP/1.1 503 Service Unavailable", "NOT_SERVING\n"));
     let err = server.client().await.classify(request(vec![doc("a", "text")])).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
     assert!(err.message().contains("loading"), "{}", err.message());
 
     go_tx.send(()).unwrap();
     server.wait_serving().await;
+    let (status, _, body) = server.http_get("/health").await;
+    assert_eq!((status.as_str(), body.as_str()), ("HTTP/1.1 200 OK", "SERVING\n"));
     let info = server.client().await.get_model_info(GetModelInfoRequest {}).await.unwrap().into_inner();
     assert_eq!(info.labels, ["non_deal", "deal"]);
     assert_eq!(info.backend, "cpu");
@@ -430,6 +434,7 @@ async fn backend_failure_marks_not_serving_and_is_unavailable() {
     ] {
         assert!(metrics.lines().any(|l| l == line), "no {line:?} in\n{metrics}");
     }
+    assert_eq!(server.http_get("/health").await.0, "HTTP/1.1 503 Service Unavailable");
     server.stop().await.unwrap();
 }
 

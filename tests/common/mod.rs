@@ -130,11 +130,17 @@ impl TestServer {
         panic!("server never became SERVING");
     }
 
-    /// `GET /metrics` over plain HTTP/1.1: (status line, content type, body).
+    /// `GET /metrics`: (status line, content type, body).
     pub async fn scrape(&self) -> (String, String, String) {
+        self.http_get("/metrics").await
+    }
+
+    /// `GET path` on the metrics port over plain HTTP/1.1: (status line, content type, body).
+    pub async fn http_get(&self, path: &str) -> (String, String, String) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut conn = tokio::net::TcpStream::connect(self.metrics_addr).await.unwrap();
-        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+        conn.write_all(request.as_bytes()).await.unwrap();
         let mut raw = String::new();
         conn.read_to_string(&mut raw).await.unwrap();
         let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
