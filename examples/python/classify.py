@@ -9,14 +9,17 @@ Generate the stubs first, from the repository root (they are git-ignored):
 
 Then run:
 
-    python examples/python/classify.py [ADDRESS]
+    python examples/python/classify.py [ADDRESS] [--tls-ca CA.pem [--tls-cert C.pem --tls-key K.pem]]
 
-ADDRESS is host:port; it defaults to $DEALSIFT_SERVER, then 127.0.0.1:50051.
+ADDRESS is host:port; it defaults to $DEALSIFT_SERVER, then 127.0.0.1:50051. With --tls-ca
+(a server started with --tls-cert/--tls-key) the channel is TLS; --tls-cert/--tls-key add a
+client certificate for a server that requires one (--tls-client-ca).
 The script checks grpc.health.v1 for "dealsift.v1.DealClassifier", prints the model
 info, and classifies two documents. Exit status: 0 on success, 1 on an RPC error,
 2 when the service is not SERVING (e.g. the model is still loading).
 """
 
+import argparse
 import os
 import sys
 
@@ -33,14 +36,41 @@ SERVICE = "dealsift.v1.DealClassifier"
 DEADLINE_S = 5.0
 
 
+def channel_for(address: str, args: argparse.Namespace) -> grpc.Channel:
+    """A plaintext channel, or a TLS one when a CA is given (plus a client certificate)."""
+    if args.tls_ca is None:
+        if args.tls_cert or args.tls_key:
+            sys.exit("--tls-cert/--tls-key need --tls-ca")
+        return grpc.insecure_channel(address)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        sys.exit("--tls-cert and --tls-key go together")
+
+    def read(path):
+        with open(path, "rb") as f:
+            return f.read()
+
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=read(args.tls_ca),
+        private_key=read(args.tls_key) if args.tls_key else None,
+        certificate_chain=read(args.tls_cert) if args.tls_cert else None,
+    )
+    return grpc.secure_channel(address, credentials)
+
+
 def main() -> int:
-    address = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("DEALSIFT_SERVER", "127.0.0.1:50051")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("address", nargs="?", default=os.environ.get("DEALSIFT_SERVER", "127.0.0.1:50051"))
+    parser.add_argument("--tls-ca", help="PEM CA the server's certificate must chain to")
+    parser.add_argument("--tls-cert", help="PEM client certificate (mutual TLS)")
+    parser.add_argument("--tls-key", help="PEM key of --tls-cert")
+    args = parser.parse_args()
+    address = args.address
     # The Rust CLI's DEALSIFT_SERVER takes a URL; grpcio wants host:port.
     for scheme in ("http://", "https://"):
         if address.startswith(scheme):
             address = address[len(scheme):]
 
-    with grpc.insecure_channel(address) as channel:
+    with channel_for(address, args) as channel:
         try:
             health = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=SERVICE), timeout=DEADLINE_S
