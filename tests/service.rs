@@ -337,10 +337,7 @@ async fn work_of_a_client_that_went_away_is_dropped() {
     blocker.await.unwrap().unwrap();
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(rows.load(Ordering::SeqCst), 2, "warm-up and blocker only");
-    let (_, _, metrics) = server.scrape().await;
-    for line in ["dealsift_dropped_sequences_total 1", "dealsift_requests_total{rpc=\"Classify\",code=\"CANCELLED\"} 1"] {
-        assert!(metrics.lines().any(|l| l == line), "no {line:?} in\n{metrics}");
-    }
+    server.assert_metric_lines(&["dealsift_dropped_sequences_total 1", "dealsift_requests_total{rpc=\"Classify\",code=\"CANCELLED\"} 1"]).await;
     server.stop().await.unwrap();
 }
 
@@ -424,16 +421,15 @@ async fn backend_failure_marks_not_serving_and_is_unavailable() {
     let err = client.classify_stream(futures::stream::iter([item])).await.expect_err("a stream is refused too");
     assert_eq!(err.code(), Code::Unavailable);
     // The failure shows in the metrics: every refusal counted, the failed batch, readiness 0.
-    let (_, _, metrics) = server.scrape().await;
-    for line in [
-        "dealsift_requests_total{rpc=\"Classify\",code=\"UNAVAILABLE\"} 2",
-        "dealsift_requests_total{rpc=\"ClassifyStream\",code=\"UNAVAILABLE\"} 1",
-        "dealsift_batch_failures_total 1",
-        "dealsift_batch_rows_count 1",
-        "dealsift_ready 0",
-    ] {
-        assert!(metrics.lines().any(|l| l == line), "no {line:?} in\n{metrics}");
-    }
+    server
+        .assert_metric_lines(&[
+            "dealsift_requests_total{rpc=\"Classify\",code=\"UNAVAILABLE\"} 2",
+            "dealsift_requests_total{rpc=\"ClassifyStream\",code=\"UNAVAILABLE\"} 1",
+            "dealsift_batch_failures_total 1",
+            "dealsift_batch_rows_count 1",
+            "dealsift_ready 0",
+        ])
+        .await;
     assert_eq!(server.http_get("/health").await.0, "HTTP/1.1 503 Service Unavailable");
     server.stop().await.unwrap();
 }

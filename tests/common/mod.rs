@@ -135,6 +135,14 @@ impl TestServer {
         self.http_get("/metrics").await
     }
 
+    /// Scrapes `/metrics` and checks that each of `lines` is one of its lines.
+    pub async fn assert_metric_lines(&self, lines: &[&str]) {
+        let (_, _, metrics) = self.scrape().await;
+        for line in lines {
+            assert!(metrics.lines().any(|l| l == *line), "no {line:?} in\n{metrics}");
+        }
+    }
+
     /// `GET path` on the metrics port over plain HTTP/1.1: (status line, content type, body).
     pub async fn http_get(&self, path: &str) -> (String, String, String) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
