@@ -618,7 +618,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let metrics_listener = match args.metrics_addr.0 {
             Some(addr) => {
                 let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} for metrics (--metrics-addr; 'off' disables)"))?;
-                tracing::info!(addr = %l.local_addr()?, "Prometheus metrics on GET /metrics");
+                tracing::info!(addr = %l.local_addr()?, "HTTP: Prometheus metrics on GET /metrics, health on GET /health");
                 Some(l)
             }
             None => None,
