@@ -111,7 +111,7 @@ impl Metrics {
             truncated_documents.clone(),
         );
         let document_tokens = Histogram::new(exponential_buckets(8.0, 2.0, 10));
-        registry.register("document_tokens", "Tokens per classified document, special tokens included", document_tokens.clone());
+        registry.register("document_tokens", "Tokens per classified document, special tokens excluded", document_tokens.clone());
         let stage_duration = Family::<StageLabels, Histogram>::new_with_constructor(seconds_histogram as fn() -> Histogram);
         registry.register_with_unit(
             "document_stage_duration",

@@ -195,8 +195,8 @@ async fn bad_input_is_invalid_argument_with_a_fix() {
     server.stop().await.unwrap();
 }
 
-/// Compressed calls (gzip, deflate) are answered, and compressed if the client asks; a small
-/// request that inflates past the message limit is refused, not inflated.
+/// Compressed calls (gzip, deflate) are answered, and compressed if the client asks; a message
+/// over the limit is refused, and so is a small one that inflates past it (not inflated).
 #[tokio::test]
 async fn compressed_calls_are_answered_and_inflation_is_bounded() {
     use tonic::codec::CompressionEncoding;
@@ -216,6 +216,8 @@ async fn compressed_calls_are_answered_and_inflation_is_bounded() {
         assert_eq!(without_timing(answer.into_inner().results), without_timing(plain.results.clone()));
     }
     // 5 MB of text compresses to a few kB; the server's message limit is 4 MiB.
+    let err = server.client().await.classify(request(vec![doc("a", &"x".repeat(5 << 20))])).await.expect_err("over the message limit");
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
     let mut client = server.client().await.send_compressed(CompressionEncoding::Gzip);
     let err = client.classify(request(vec![doc("a", &"x".repeat(5 << 20))])).await.expect_err("over the message limit once inflated");
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
