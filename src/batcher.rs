@@ -75,8 +75,10 @@ impl Job {
         matches!(self.deadline, Some(d) if d <= now)
     }
 
-    /// Answers DEADLINE_EXCEEDED (a no-op when the caller went away).
-    fn fail_deadline(self, now: Instant) {
+    /// Drops a dead job uncomputed: counts it, and answers DEADLINE_EXCEEDED (a no-op when
+    /// the caller went away).
+    fn drop_dead(self, now: Instant, metrics: &Metrics) {
+        metrics.sequence_dropped();
         let waited = now - self.enqueued;
         self.answer(Err(JobError::DeadlineExceeded { waited }));
     }
@@ -257,8 +259,7 @@ impl Queue {
         let mut kept = VecDeque::with_capacity(pending.len());
         for job in pending.drain(..) {
             if job.is_dead(now) {
-                self.metrics.sequence_dropped();
-                job.fail_deadline(now);
+                job.drop_dead(now, &self.metrics);
             } else {
                 kept.push_back(job);
             }
@@ -327,8 +328,7 @@ impl Worker {
         let mut live = Vec::with_capacity(jobs.len());
         for job in jobs {
             if job.is_dead(started) {
-                self.metrics.sequence_dropped();
-                job.fail_deadline(started);
+                job.drop_dead(started, &self.metrics);
             } else {
                 live.push(job);
             }
