@@ -199,6 +199,14 @@ impl Batcher {
     }
 }
 
+/// A batcher dropped without `shutdown` (an engine replaced by a reload, once its last request
+/// is answered) still stops its threads, and so frees its backends, without blocking the drop.
+impl Drop for Batcher {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Msg::Shutdown);
+    }
+}
+
 struct Queue {
     config: BatcherConfig,
     shapes: Shapes,

@@ -3,6 +3,7 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -603,7 +604,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    let config = ServerConfig { batcher: batcher.clone(), limits, max_message_bytes: args.max_message_bytes, tls };
+    let reload = Arc::new(tokio::sync::Notify::new());
+    let config = ServerConfig { batcher: batcher.clone(), limits, max_message_bytes: args.max_message_bytes, tls, reload: Some(reload.clone()) };
     let spec = ModelSpec { dir: args.model_dir.clone(), max_sequence_length: args.max_sequence_length, cpu_kernels: args.cpu_kernels.into() };
     let max_chunks = args.max_chunks_per_document;
     let runtime = tokio::runtime::Runtime::new()?;
@@ -624,9 +626,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             None => None,
         };
         let load = move |hooks| match args.backend {
-            BackendArg::Cpu => server::load_cpu(&spec, batcher, max_chunks, hooks),
-            BackendArg::Neuron => server::load_neuron(&spec, &neuron, batcher, max_chunks, hooks),
+            BackendArg::Cpu => server::load_cpu(&spec, batcher.clone(), max_chunks, hooks),
+            BackendArg::Neuron => server::load_neuron(&spec, &neuron, batcher.clone(), max_chunks, hooks),
         };
+        reload_on_hangup(reload)?;
         server::run(listener, metrics_listener, load, config, shutdown_signal()).await?;
         tracing::info!("stopped");
         Ok(())
@@ -663,6 +666,24 @@ fn parse_metrics_addr(value: &str) -> Result<MetricsAddr, String> {
         return Ok(MetricsAddr(None));
     }
     value.parse().map(|a| MetricsAddr(Some(a))).map_err(|e| format!("{e}: give an address such as 0.0.0.0:9464, or off"))
+}
+
+/// SIGHUP reloads the model from `--model-dir` (the server's `reload` notification).
+#[cfg(unix)]
+fn reload_on_hangup(reload: Arc<tokio::sync::Notify>) -> anyhow::Result<()> {
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the model from --model-dir");
+            reload.notify_one();
+        }
+    });
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn reload_on_hangup(_reload: Arc<tokio::sync::Notify>) -> anyhow::Result<()> {
+    Ok(())
 }
 
 /// Resolves on SIGINT or SIGTERM.

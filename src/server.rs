@@ -7,9 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tonic::codec::CompressionEncoding;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 use crate::backend::cpu::{CpuBackend, CpuKernels};
@@ -33,6 +35,9 @@ pub struct ServerConfig {
     pub max_message_bytes: usize,
     /// TLS on the gRPC port (see [`tls_config`]); `None` serves plaintext.
     pub tls: Option<ServerTlsConfig>,
+    /// Each notification loads the model again and, once it has passed its warm-up, serves
+    /// it in place of the current one (`dealsift serve` notifies on SIGHUP); `None`: never.
+    pub reload: Option<Arc<Notify>>,
 }
 
 /// TLS from PEM files: the server's certificate chain and key, and optionally the CA whose
@@ -141,7 +146,8 @@ pub fn start_engine(
 /// Serves gRPC on `listener` (and Prometheus metrics on `metrics_listener`, if given) until
 /// `shutdown` resolves (or the model fails to load), then finishes in-flight work and
 /// returns. `load` runs on a blocking thread; health says NOT_SERVING until it has returned
-/// and a warm-up request has passed through the whole pipeline.
+/// and a warm-up request has passed through the whole pipeline. It runs again on each
+/// `config.reload` notification: see [`ServerConfig::reload`].
 pub async fn run<L>(
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
@@ -150,7 +156,7 @@ pub async fn run<L>(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError>
 where
-    L: FnOnce(EngineHooks) -> Result<Engine, ModelError> + Send + 'static,
+    L: Fn(EngineHooks) -> Result<Engine, ModelError> + Send + Sync + 'static,
 {
     let mut server = Server::builder();
     if let Some(tls) = config.tls.clone() {
@@ -170,8 +176,7 @@ where
     });
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
-    reporter.set_not_serving::<DealClassifierServer<DealService>>().await;
-    reporter.set_service_status("", ServingStatus::NotServing).await;
+    set_health(&reporter, ServingStatus::NotServing).await;
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
@@ -193,51 +198,22 @@ where
         .max_encoding_message_size(config.max_message_bytes);
 
     let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<ServeError>();
-    let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::unbounded_channel::<BackendError>();
-    let hooks = EngineHooks {
-        on_fatal: Arc::new(move |e: &BackendError| {
-            let _ = fatal_tx.send(e.clone());
-        }),
-        metrics: metrics.clone(),
-    };
-
-    let loader_state = state.clone();
-    let loader_reporter = reporter.clone();
-    tokio::spawn(async move {
-        let loaded = tokio::task::spawn_blocking(move || load(hooks)).await;
-        let engine = match loaded {
-            Ok(Ok(engine)) => Arc::new(engine),
-            Ok(Err(e)) => {
-                let _ = failed_tx.send(ServeError::Load(e));
-                return;
-            }
-            Err(e) => {
-                let _ = failed_tx.send(ServeError::Warmup(format!("loader panicked: {e}")));
-                return;
-            }
-        };
-        if let Err(e) = warm_up(&engine).await {
-            engine.shutdown();
-            let _ = failed_tx.send(e);
-            return;
-        }
-        loader_state.set_engine(engine.clone());
-        loader_state.metrics.set_serving(&engine.model.model_id, &engine.model.version, engine.batcher().info().name);
-        loader_reporter.set_serving::<DealClassifierServer<DealService>>().await;
-        loader_reporter.set_service_status("", ServingStatus::Serving).await;
-        let lexical = engine.model.lexical.as_ref().map(|(_, how)| (how.joins, how.weight));
-        tracing::info!(model = %engine.model.model_id, version = %engine.model.version, backend = engine.batcher().info().name, threshold = engine.model.threshold, ?lexical, "serving");
-    });
+    // Backend failures, tagged with the number of the load whose engine reported them.
+    let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::unbounded_channel::<(u64, BackendError)>();
+    let lifecycle = Lifecycle { load: Arc::new(load), state: state.clone(), reporter: reporter.clone(), fatal_tx };
+    let models = tokio::spawn(lifecycle.run(failed_tx, config.reload.clone()));
 
     let fatal_state = state.clone();
     let fatal_reporter = reporter.clone();
     tokio::spawn(async move {
-        if let Some(err) = fatal_rx.recv().await {
-            tracing::error!(error = %err, "backend failed; health is NOT_SERVING");
-            fatal_state.set_failed(err);
+        while let Some((generation, err)) = fatal_rx.recv().await {
+            if !fatal_state.set_failed(generation, err.clone()) {
+                tracing::warn!(error = %err, "the backend of a model replaced by a reload failed; the served model is unaffected");
+                continue;
+            }
+            tracing::error!(error = %err, "backend failed; health is NOT_SERVING until a restart or a reload");
             fatal_state.metrics.set_not_ready();
-            fatal_reporter.set_not_serving::<DealClassifierServer<DealService>>().await;
-            fatal_reporter.set_service_status("", ServingStatus::NotServing).await;
+            set_health(&fatal_reporter, ServingStatus::NotServing).await;
         }
     });
 
@@ -258,6 +234,8 @@ where
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), stop)
         .await?;
     metrics.set_not_ready();
+    // No reload may install an engine after this one is shut down.
+    models.abort();
     if let Some(engine) = state.engine() {
         engine.shutdown();
     }
@@ -273,6 +251,84 @@ where
         Some(err) => Err(err),
         None => Ok(()),
     }
+}
+
+/// Loads models and installs them: once at start (a failure there ends the server), then on
+/// each reload notification (a failure there leaves the current model serving).
+struct Lifecycle<L> {
+    load: Arc<L>,
+    state: Arc<State>,
+    reporter: HealthReporter,
+    fatal_tx: tokio::sync::mpsc::UnboundedSender<(u64, BackendError)>,
+}
+
+impl<L> Lifecycle<L>
+where
+    L: Fn(EngineHooks) -> Result<Engine, ModelError> + Send + Sync + 'static,
+{
+    async fn run(self, failed: tokio::sync::oneshot::Sender<ServeError>, reload: Option<Arc<Notify>>) {
+        match self.load_and_warm_up(0).await {
+            Ok(engine) => self.install(0, engine).await,
+            Err(e) => {
+                let _ = failed.send(e);
+                return;
+            }
+        }
+        let Some(reload) = reload else { return };
+        for generation in 1.. {
+            reload.notified().await;
+            let previous = self.state.engine().map(|e| e.model.version.clone()).unwrap_or_default();
+            tracing::info!(previous_version = %previous, "reloading the model");
+            match self.load_and_warm_up(generation).await {
+                Ok(engine) => {
+                    self.state.metrics.reloaded(true);
+                    self.install(generation, engine).await;
+                }
+                Err(e) => {
+                    self.state.metrics.reloaded(false);
+                    tracing::error!(error = %e, version = %previous, "reload failed; the previous model keeps serving");
+                }
+            }
+        }
+    }
+
+    /// Runs `load` on a blocking thread, then one request through the new engine.
+    async fn load_and_warm_up(&self, generation: u64) -> Result<Arc<Engine>, ServeError> {
+        let fatal_tx = self.fatal_tx.clone();
+        let hooks = EngineHooks {
+            on_fatal: Arc::new(move |e: &BackendError| {
+                let _ = fatal_tx.send((generation, e.clone()));
+            }),
+            metrics: self.state.metrics.clone(),
+        };
+        let load = self.load.clone();
+        let engine = match tokio::task::spawn_blocking(move || load(hooks)).await {
+            Ok(Ok(engine)) => Arc::new(engine),
+            Ok(Err(e)) => return Err(ServeError::Load(e)),
+            Err(e) => return Err(ServeError::Warmup(format!("loader panicked: {e}"))),
+        };
+        if let Err(e) = warm_up(&engine).await {
+            engine.shutdown();
+            return Err(e);
+        }
+        Ok(engine)
+    }
+
+    /// Serves `engine` from the next request on; the one it replaces is freed when its last
+    /// request has been answered (see `Batcher`'s `Drop`).
+    async fn install(&self, generation: u64, engine: Arc<Engine>) {
+        self.state.set_engine(generation, engine.clone());
+        self.state.metrics.set_serving(&engine.model.model_id, &engine.model.version, engine.batcher().info().name);
+        set_health(&self.reporter, ServingStatus::Serving).await;
+        let lexical = engine.model.lexical.as_ref().map(|(_, how)| (how.joins, how.weight));
+        tracing::info!(model = %engine.model.model_id, version = %engine.model.version, backend = engine.batcher().info().name, threshold = engine.model.threshold, ?lexical, "serving");
+    }
+}
+
+/// The classifier's health, under its own name and the server's ("").
+async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
+    reporter.set_service_status(<DealClassifierServer<DealService> as tonic::server::NamedService>::NAME, status).await;
+    reporter.set_service_status("", status).await;
 }
 
 /// One real request through tokenizer, batcher and backend before reporting SERVING.

@@ -1,7 +1,7 @@
 //! The `dealsift.v1.DealClassifier` gRPC service: validation, deadlines, status codes.
 
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
@@ -30,35 +30,59 @@ pub struct Limits {
 
 /// Shared by the gRPC handlers and the server's lifecycle tasks.
 pub struct State {
-    engine: OnceLock<Arc<Engine>>,
-    /// Set when a backend reports a device or runtime failure.
-    failure: OnceLock<BackendError>,
+    current: RwLock<Current>,
     limits: Limits,
     pub metrics: Arc<Metrics>,
 }
 
+/// The engine being served, which load produced it, and whether its backend has failed.
+#[derive(Default)]
+struct Current {
+    engine: Option<Arc<Engine>>,
+    generation: u64,
+    /// Set when the backend reports a device or runtime failure; a reload clears it.
+    failure: Option<BackendError>,
+}
+
 impl State {
     pub fn new(limits: Limits, metrics: Arc<Metrics>) -> Self {
-        Self { engine: OnceLock::new(), failure: OnceLock::new(), limits, metrics }
+        Self { current: RwLock::new(Current::default()), limits, metrics }
     }
 
-    pub fn set_engine(&self, engine: Arc<Engine>) {
-        let _ = self.engine.set(engine);
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Current> {
+        self.current.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn engine(&self) -> Option<&Arc<Engine>> {
-        self.engine.get()
+    /// Serves `engine`, the product of load number `generation`, from the next request on;
+    /// requests holding the previous engine finish on it.
+    pub fn set_engine(&self, generation: u64, engine: Arc<Engine>) {
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        *current = Current { engine: Some(engine), generation, failure: None };
     }
 
-    pub fn set_failed(&self, err: BackendError) {
-        let _ = self.failure.set(err);
+    pub fn engine(&self) -> Option<Arc<Engine>> {
+        self.read().engine.clone()
     }
 
-    fn ready(&self) -> Result<&Arc<Engine>, Status> {
-        if let Some(err) = self.failure.get() {
-            return Err(Status::unavailable(format!("backend failed and is not serving: {err}; the server needs a restart")));
+    /// Records a backend failure of load number `generation`. Returns false, and records
+    /// nothing, when that engine is no longer the one served (it failed after a reload).
+    pub fn set_failed(&self, generation: u64, err: BackendError) -> bool {
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        if current.generation != generation {
+            return false;
         }
-        self.engine.get().ok_or_else(|| Status::unavailable("model is still loading; wait for grpc.health.v1 SERVING and retry"))
+        current.failure.get_or_insert(err);
+        true
+    }
+
+    fn ready(&self) -> Result<Arc<Engine>, Status> {
+        let current = self.read();
+        if let Some(err) = &current.failure {
+            return Err(Status::unavailable(format!(
+                "backend failed and is not serving: {err}; the server needs a restart or a model reload (SIGHUP)"
+            )));
+        }
+        current.engine.clone().ok_or_else(|| Status::unavailable("model is still loading; wait for grpc.health.v1 SERVING and retry"))
     }
 }
 
@@ -176,7 +200,7 @@ type ResultStream = Pin<Box<dyn Stream<Item = Result<ClassifyStreamResponse, Sta
 impl DealService {
     async fn answer_classify(&self, request: Request<ClassifyRequest>) -> Result<Response<ClassifyResponse>, Status> {
         let deadline = deadline(request.metadata(), Instant::now());
-        let engine = self.state.ready()?.clone();
+        let engine = self.state.ready()?;
         let limits = &self.state.limits;
         let req = request.into_inner();
         if req.documents.is_empty() {
@@ -218,14 +242,11 @@ impl DealClassifier for DealService {
 
     async fn classify_stream(&self, request: Request<Streaming<ClassifyStreamRequest>>) -> Result<Response<ResultStream>, Status> {
         let deadline = deadline(request.metadata(), Instant::now());
-        let engine = match self.state.ready() {
-            Ok(engine) => engine.clone(),
-            Err(status) => {
+        if let Err(status) = self.state.ready() {
                 // Refused before any message is read: counted as one request.
-                self.state.metrics.start_request(Rpc::ClassifyStream).finish(Err(status.code()));
-                return Err(status);
-            }
-        };
+            self.state.metrics.start_request(Rpc::ClassifyStream).finish(Err(status.code()));
+            return Err(status);
+        }
         let state = self.state.clone();
         let in_flight = state.limits.max_stream_in_flight.max(1);
         // `buffered` answers in request order and stops pulling requests when `in_flight`
@@ -233,23 +254,28 @@ impl DealClassifier for DealService {
         let out = request
             .into_inner()
             .map(move |item| {
-                let (engine, state) = (engine.clone(), state.clone());
+                let state = state.clone();
                 async move {
                     let msg = item?;
                     let call = state.metrics.start_request(Rpc::ClassifyStream);
                     let id = msg.document.as_ref().map(|d| d.id.clone()).unwrap_or_default();
-                    let answer = classify_item(msg, &engine, &state.limits, deadline).await;
+                    // Each message goes to the engine served when it is read: a long-lived
+                    // stream moves to a reloaded model with its next message.
+                    let engine = state.ready();
+                    let answer = match &engine {
+                        Ok(engine) => classify_item(msg, engine, &state.limits, deadline).await,
+                        Err(status) => Err(status.clone()),
+                    };
                     call.finish(answer.as_ref().map(std::slice::from_ref).map_err(Status::code));
                     let outcome = match answer {
                         Ok(result) => Outcome::Result(result),
                         Err(status) => Outcome::Error(ItemError { code: status.code() as i32, message: status.message().to_string() }),
                     };
-                    Ok(ClassifyStreamResponse {
-                        outcome: Some(outcome),
-                        model_id: engine.model.model_id.clone(),
-                        model_version: engine.model.version.clone(),
-                        id,
-                    })
+                    let (model_id, model_version) = match &engine {
+                        Ok(engine) => (engine.model.model_id.clone(), engine.model.version.clone()),
+                        Err(_) => Default::default(),
+                    };
+                    Ok(ClassifyStreamResponse { outcome: Some(outcome), model_id, model_version, id })
                 }
             })
             .buffered(in_flight);
@@ -258,7 +284,7 @@ impl DealClassifier for DealService {
 
     async fn get_model_info(&self, _request: Request<GetModelInfoRequest>) -> Result<Response<ModelInfo>, Status> {
         let engine = self.state.ready()?;
-        Ok(Response::new(model_info(engine, &self.state.limits)))
+        Ok(Response::new(model_info(&engine, &self.state.limits)))
     }
 }
 

@@ -60,6 +60,11 @@ struct StageLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabels {
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModelLabels {
     model_id: String,
     version: String,
@@ -82,6 +87,7 @@ pub struct Metrics {
     queued_sequences: Gauge,
     ready: Gauge,
     model: Family<ModelLabels, Gauge>,
+    reloads: Family<ReloadLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -141,6 +147,8 @@ impl Metrics {
         registry.register("ready", "1 while the model is loaded, warmed up and its backend healthy (grpc.health SERVING)", ready.clone());
         let model = Family::<ModelLabels, Gauge>::default();
         registry.register("model_info", "The served model (value 1)", model.clone());
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register("model_reloads", "Model reloads (SIGHUP) by result: ok, or failed (the previous model kept serving)", reloads.clone());
         Self {
             registry,
             requests,
@@ -156,6 +164,7 @@ impl Metrics {
             queued_sequences,
             ready,
             model,
+            reloads,
         }
     }
 
@@ -213,6 +222,11 @@ impl Metrics {
         let labels = ModelLabels { model_id: model_id.into(), version: version.into(), backend: backend.into() };
         self.model.get_or_create(&labels).set(1);
         self.ready.set(1);
+    }
+
+    /// Counts a model reload that succeeded (`ok`) or failed.
+    pub fn reloaded(&self, ok: bool) {
+        self.reloads.get_or_create(&ReloadLabels { result: if ok { "ok" } else { "failed" } }).inc();
     }
 
     pub fn set_not_ready(&self) {

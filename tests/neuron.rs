@@ -155,12 +155,12 @@ impl Fixture {
     }
 
     /// The loader `dealsift serve --backend neuron` runs.
-    fn loader(&self, config: &ServerConfig) -> impl FnOnce(EngineHooks) -> Result<Engine, ModelError> + Send + 'static {
+    fn loader(&self, config: &ServerConfig) -> impl Fn(EngineHooks) -> Result<Engine, ModelError> + Send + Sync + 'static {
         let spec = ModelSpec { dir: self.model_dir.clone(), max_sequence_length: None, cpu_kernels: Default::default() };
         let options = options(&self.lib_dir);
         let batcher = config.batcher.clone();
         let max_chunks = config.limits.max_chunks_per_document;
-        move |hooks| server::load_neuron(&spec, &options, batcher, max_chunks, hooks)
+        move |hooks| server::load_neuron(&spec, &options, batcher.clone(), max_chunks, hooks)
     }
 
     async fn serve(&self, config: ServerConfig) -> TestServer {
@@ -451,6 +451,28 @@ async fn a_hardware_error_is_unavailable_and_marks_the_service_not_serving() {
     assert_eq!(err.code(), Code::Unavailable);
     assert!(err.message().contains("restart"), "{}", err.message());
     // The server still shuts down in order: models unloaded, tensors freed, runtime closed.
+    server.stop().await.unwrap();
+    fx.assert_closed_cleanly();
+}
+
+/// libnrt allows one runtime per process: a reload loads the new models on the runtime the
+/// served ones hold, and the old ones are unloaded once replaced.
+#[tokio::test]
+async fn a_reload_loads_on_the_same_runtime_and_unloads_the_replaced_models() {
+    let fx = Fixture::new("reload", &[(1, 32)], TRACED_INPUTS, 0);
+    let reload = std::sync::Arc::new(tokio::sync::Notify::new());
+    let mut config = config();
+    config.reload = Some(reload.clone());
+    let server = fx.serve(config).await;
+    let live_models = || fx.standin.report()["live_models"].as_u64().unwrap();
+    let served = live_models();
+    assert!(served > 0);
+
+    reload.notify_one();
+    eventually("the reload is counted", || async { server.scrape().await.2.lines().any(|l| l == "dealsift_model_reloads_total{result=\"ok\"} 1") }).await;
+    eventually("the replaced models are unloaded", || async { live_models() == served }).await;
+    server.client().await.classify(request(vec![doc("a", HEADLINES[0])])).await.unwrap();
+    assert_eq!(fx.standin.report()["init_calls"], 1);
     server.stop().await.unwrap();
     fx.assert_closed_cleanly();
 }

@@ -126,9 +126,10 @@ async fn stream_answers_in_request_order() {
 async fn health_goes_from_not_serving_to_serving() {
     let config = config();
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let go_rx = std::sync::Mutex::new(go_rx);
     let inner = loader(&config, plain);
     let gated = move |hook| {
-        go_rx.recv().unwrap();
+        go_rx.lock().unwrap().recv().unwrap();
         inner(hook)
     };
     let server = TestServer::start(config, gated).await;
@@ -288,7 +289,7 @@ async fn deadline_shorter_than_queue_wait_is_deadline_exceeded() {
     let rows = Arc::new(AtomicUsize::new(0));
     let counter = rows.clone();
     // The server answers 10% (50 ms) before the client's own 500 ms timer would cancel the call.
-    let server = TestServer::ready_with(config(), move |cpu| Box::new(Slow { inner: cpu, delay: Duration::from_millis(1500), rows: counter })).await;
+    let server = TestServer::ready_with(config(), move |cpu| Box::new(Slow { inner: cpu, delay: Duration::from_millis(1500), rows: counter.clone() })).await;
     let mut busy = server.client().await;
     let blocker = tokio::spawn(async move { busy.classify(request(vec![doc("busy", HEADLINES[0])])).await });
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -309,7 +310,7 @@ async fn full_queue_is_resource_exhausted() {
     let mut config = config();
     config.batcher.max_queue_sequences = 4;
     let rows = Arc::new(AtomicUsize::new(0));
-    let server = TestServer::ready_with(config, move |cpu| Box::new(Slow { inner: cpu, delay: Duration::from_millis(300), rows })).await;
+    let server = TestServer::ready_with(config, move |cpu| Box::new(Slow { inner: cpu, delay: Duration::from_millis(300), rows: rows.clone() })).await;
     let docs = |n: usize| (0..n).map(|i| doc(&i.to_string(), HEADLINES[i])).collect::<Vec<_>>();
     let mut first = server.client().await;
     let held = tokio::spawn(async move { first.classify(request(docs(3))).await });
@@ -328,7 +329,7 @@ async fn full_queue_is_resource_exhausted() {
 async fn work_of_a_client_that_went_away_is_dropped() {
     let rows = Arc::new(AtomicUsize::new(0));
     let counter = rows.clone();
-    let server = TestServer::ready_with(config(), move |cpu| Box::new(Slow { inner: cpu, delay: Duration::from_millis(300), rows: counter })).await;
+    let server = TestServer::ready_with(config(), move |cpu| Box::new(Slow { inner: cpu, delay: Duration::from_millis(300), rows: counter.clone() })).await;
     let mut busy = server.client().await;
     let blocker = tokio::spawn(async move { busy.classify(request(vec![doc("busy", HEADLINES[0])])).await });
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -436,10 +437,106 @@ async fn backend_failure_marks_not_serving_and_is_unavailable() {
     server.stop().await.unwrap();
 }
 
+/// What SIGHUP does: the directory's new version serves from the next request, a request
+/// already admitted finishes on the model it started on, whose backend is then freed; a
+/// reload that fails leaves the current model serving.
+#[tokio::test]
+async fn reload_swaps_the_model_and_a_failed_reload_keeps_the_current_one() {
+    let dir = fixture_copy("reload");
+    let dropped = Arc::new(AtomicUsize::new(0));
+    let reload = Arc::new(tokio::sync::Notify::new());
+    let mut config = config();
+    config.reload = Some(reload.clone());
+    let load = {
+        let (dir, batcher, dropped) = (dir.clone(), config.batcher.clone(), dropped.clone());
+        move |hooks| {
+            let model = dealsift::engine::ModelDir::open(&dir, Some(128))?;
+            let cpu = dealsift::backend::cpu::CpuBackend::load(&dir, &model.config, batcher.max_batch_size, model.window, Default::default())?;
+            let slow = Slow { inner: cpu, delay: Duration::from_millis(300), rows: Arc::new(AtomicUsize::new(0)) };
+            dealsift::server::start_engine(model, vec![Box::new(Counted { inner: Box::new(slow), dropped: dropped.clone() })], batcher.clone(), 8, hooks)
+        }
+    };
+    let server = TestServer::start(config, load).await;
+    server.wait_serving().await;
+    let mut client = server.client().await;
+    let first = client.get_model_info(GetModelInfoRequest {}).await.unwrap().into_inner().model_version;
+    assert_ne!(first, "2.0.0");
+
+    let mut in_flight_client = client.clone();
+    let in_flight = tokio::spawn(async move { in_flight_client.classify(request(vec![doc("a", HEADLINES[0])])).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let set_config = |text: String| std::fs::write(dir.join("config.json"), text).unwrap();
+    let original = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    let mut next: serde_json::Value = serde_json::from_str(&original).unwrap();
+    next["dealsift"]["version"] = "2.0.0".into();
+    next["dealsift"]["model_id"] = "tiny-bert".into();
+    set_config(next.to_string());
+    reload.notify_one();
+    assert_eq!(in_flight.await.unwrap().unwrap().into_inner().model_version, first, "admitted before the swap: answered by the first model");
+    eventually("GetModelInfo reports 2.0.0", || {
+        let mut client = client.clone();
+        async move { client.get_model_info(GetModelInfoRequest {}).await.unwrap().into_inner().model_version == "2.0.0" }
+    })
+    .await;
+    let answer = client.classify(request(vec![doc("b", HEADLINES[1])])).await.unwrap().into_inner();
+    assert_eq!(answer.model_version, "2.0.0");
+    eventually("the first model's backend is freed", || {
+        let dropped = dropped.clone();
+        async move { dropped.load(Ordering::SeqCst) == 1 }
+    })
+    .await;
+    server
+        .assert_metric_lines(&[
+            "dealsift_model_reloads_total{result=\"ok\"} 1",
+            "dealsift_model_info{model_id=\"tiny-bert\",version=\"2.0.0\",backend=\"cpu\"} 1",
+            "dealsift_ready 1",
+        ])
+        .await;
+
+    set_config("{ not json".into());
+    reload.notify_one();
+    eventually("the failed reload is counted", || async { server.scrape().await.2.lines().any(|l| l == "dealsift_model_reloads_total{result=\"failed\"} 1") }).await;
+    assert_eq!(server.health().await, ServingStatus::Serving);
+    let answer = client.classify(request(vec![doc("c", HEADLINES[2])])).await.unwrap().into_inner();
+    assert_eq!(answer.model_version, "2.0.0", "the current model keeps serving");
+    assert_eq!(dropped.load(Ordering::SeqCst), 1, "the failed load's engine never started");
+    server.stop().await.unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn a_reload_after_a_backend_failure_serves_again() {
+    let reload = Arc::new(tokio::sync::Notify::new());
+    let mut config = config();
+    config.reload = Some(reload.clone());
+    let loads = AtomicUsize::new(0);
+    let load = loader(&config, move |cpu| -> Box<dyn dealsift::backend::Backend> {
+        match loads.fetch_add(1, Ordering::SeqCst) {
+            0 => Box::new(Failing { inner: cpu, error: BackendError::Fatal("device lost".into()), pass: 1 }),
+            _ => Box::new(cpu),
+        }
+    });
+    let server = TestServer::start(config, load).await;
+    server.wait_serving().await;
+    let mut client = server.client().await;
+    let err = client.classify(request(vec![doc("a", HEADLINES[0])])).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    eventually("health is NOT_SERVING", || async { server.health().await == ServingStatus::NotServing }).await;
+    let err = client.classify(request(vec![doc("a", HEADLINES[0])])).await.unwrap_err();
+    assert!(err.message().contains("reload (SIGHUP)"), "{}", err.message());
+
+    reload.notify_one();
+    server.wait_serving().await;
+    client.classify(request(vec![doc("b", HEADLINES[1])])).await.unwrap();
+    server.assert_metric_lines(&["dealsift_model_reloads_total{result=\"ok\"} 1", "dealsift_ready 1"]).await;
+    assert_eq!(server.http_get("/health").await.0, "HTTP/1.1 200 OK");
+    server.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn shutdown_finishes_in_flight_work() {
     let rows = Arc::new(AtomicUsize::new(0));
-    let server = TestServer::ready_with(config(), move |cpu| Box::new(Slow { inner: cpu, delay: Duration::from_millis(300), rows })).await;
+    let server = TestServer::ready_with(config(), move |cpu| Box::new(Slow { inner: cpu, delay: Duration::from_millis(300), rows: rows.clone() })).await;
     let mut client = server.client().await;
     let in_flight = tokio::spawn(async move { client.classify(request(vec![doc("a", HEADLINES[0])])).await });
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -506,12 +603,7 @@ async fn lexical_stage_is_served_as_configured() {
         (results, threshold)
     };
 
-    let dir = std::env::temp_dir().join(format!("dealsift-lexical-stage-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    for entry in std::fs::read_dir(fixture_dir()).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
-    }
+    let dir = fixture_copy("lexical-stage");
     let recipe = Recipe { buckets: 1 << 10, vocabulary: Vocabulary::ContentWords, deal_weight: 1.0, c: 10.0 };
     let write_meta = |how: &LexicalMeta| {
         let mut model_config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
@@ -549,7 +641,7 @@ async fn lexical_stage_is_served_as_configured() {
         move |hooks| {
             let model = ModelDir::open(&dir, Some(128))?;
             let cpu = dealsift::backend::cpu::CpuBackend::load(&dir, &model.config, batcher.max_batch_size, model.window, Default::default())?;
-            dealsift::server::start_engine(model, vec![Box::new(cpu)], batcher, 8, hooks)
+            dealsift::server::start_engine(model, vec![Box::new(cpu)], batcher.clone(), 8, hooks)
         }
     };
     let server = TestServer::start(config(), load).await;

@@ -27,6 +27,29 @@ pub fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-bert")
 }
 
+/// A fresh copy of the fixture model in a temporary directory, for tests that change it.
+pub fn fixture_copy(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("dealsift-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(fixture_dir()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    dir
+}
+
+/// Polls `condition` every 10 ms for up to 10 s.
+pub async fn eventually<F: std::future::Future<Output = bool>>(what: &str, mut condition: impl FnMut() -> F) {
+    for _ in 0..1000 {
+        if condition().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
 pub fn config() -> ServerConfig {
     ServerConfig {
         batcher: BatcherConfig {
@@ -44,20 +67,21 @@ pub fn config() -> ServerConfig {
         },
         max_message_bytes: 4 << 20,
         tls: None,
+        reload: None,
     }
 }
 
 /// The fixture model behind `wrap`, which may slow it down or make it fail.
 pub fn loader(
     config: &ServerConfig,
-    wrap: impl FnOnce(CpuBackend) -> Box<dyn Backend> + Send + 'static,
-) -> impl FnOnce(EngineHooks) -> Result<Engine, ModelError> + Send + 'static {
+    wrap: impl Fn(CpuBackend) -> Box<dyn Backend> + Send + Sync + 'static,
+) -> impl Fn(EngineHooks) -> Result<Engine, ModelError> + Send + Sync + 'static {
     let batcher = config.batcher.clone();
     let max_chunks = config.limits.max_chunks_per_document;
     move |hooks| {
         let model = ModelDir::open(&fixture_dir(), Some(128))?;
         let cpu = CpuBackend::load(&fixture_dir(), &model.config, batcher.max_batch_size, model.window, Default::default())?;
-        server::start_engine(model, vec![wrap(cpu)], batcher, max_chunks, hooks)
+        server::start_engine(model, vec![wrap(cpu)], batcher.clone(), max_chunks, hooks)
     }
 }
 
@@ -76,7 +100,7 @@ pub struct TestServer {
 impl TestServer {
     pub async fn start<L>(config: ServerConfig, load: L) -> Self
     where
-        L: FnOnce(EngineHooks) -> Result<Engine, ModelError> + Send + 'static,
+        L: Fn(EngineHooks) -> Result<Engine, ModelError> + Send + Sync + 'static,
     {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -94,7 +118,7 @@ impl TestServer {
         Self::ready_with(config(), plain).await
     }
 
-    pub async fn ready_with(config: ServerConfig, wrap: impl FnOnce(CpuBackend) -> Box<dyn Backend> + Send + 'static) -> Self {
+    pub async fn ready_with(config: ServerConfig, wrap: impl Fn(CpuBackend) -> Box<dyn Backend> + Send + Sync + 'static) -> Self {
         let load = loader(&config, wrap);
         let server = Self::start(config, load).await;
         server.wait_serving().await;
@@ -205,6 +229,27 @@ impl Backend for Slow {
         let real_rows = (0..batch.rows).filter(|r| batch.attention_mask[r * batch.seq + 1] == 1).count();
         self.rows.fetch_add(real_rows, Ordering::SeqCst);
         self.inner.predict(batch)
+    }
+}
+
+/// A backend that counts its drops (an engine's backends are dropped when it is freed).
+pub struct Counted {
+    pub inner: Box<dyn Backend>,
+    pub dropped: Arc<AtomicUsize>,
+}
+
+impl Backend for Counted {
+    fn info(&self) -> BackendInfo {
+        self.inner.info()
+    }
+    fn predict(&mut self, batch: &Batch) -> Result<Vec<Vec<f32>>, BackendError> {
+        self.inner.predict(batch)
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.dropped.fetch_add(1, Ordering::SeqCst);
     }
 }
 

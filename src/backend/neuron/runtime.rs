@@ -4,7 +4,7 @@
 use std::ffi::{c_int, CString};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use super::ffi::{self, Api, NrtModel, NrtTensor, NrtTensorInfo, NrtTensorSet, NrtVersion};
 use super::status::{CallError, NrtStatus};
@@ -14,9 +14,10 @@ use super::NeuronError;
 /// or 600 s), so the backend always sets it.
 pub const EXEC_TIMEOUT_ENV: &str = "NEURON_RT_EXEC_TIMEOUT";
 
-/// Libraries already initialised by this process: libnrt cannot be initialised twice, not
-/// even after `nrt_close`.
-static INITIALISED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+/// Libraries initialised by this process, and their runtime while it is alive: libnrt cannot
+/// be initialised twice, not even after `nrt_close`, so a model loaded while another still
+/// holds the runtime (a reload) shares it.
+static INITIALISED: Mutex<Vec<(PathBuf, Weak<Runtime>)>> = Mutex::new(Vec::new());
 
 /// The initialised runtime (`nrt_init` done; `nrt_close` on drop).
 pub struct Runtime {
@@ -26,7 +27,8 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    /// Initialises libnrt once for this process. `NEURON_RT_EXEC_TIMEOUT` must already hold
+    /// Initialises libnrt once for this process, or returns the runtime already initialised
+    /// while it is still in use. `NEURON_RT_EXEC_TIMEOUT` must already hold
     /// `exec_timeout_s`: the environment is set before threads start (`dealsift serve` does),
     /// because changing it now would race with other threads reading it.
     pub fn init(api: Api, exec_timeout_s: u32) -> Result<Arc<Self>, NeuronError> {
@@ -38,21 +40,26 @@ impl Runtime {
         }
         let mut initialised = INITIALISED.lock().unwrap_or_else(|p| p.into_inner());
         let key = std::fs::canonicalize(&api.path).unwrap_or_else(|_| api.path.clone());
-        if initialised.contains(&key) {
-            return Err(NeuronError::Config(format!("{} was already initialised by this process; libnrt cannot be initialised twice", key.display())));
+        if let Some((_, runtime)) = initialised.iter().find(|(path, _)| *path == key) {
+            return runtime.upgrade().ok_or_else(|| {
+                NeuronError::Config(format!("{} was already initialised and closed by this process; libnrt cannot be initialised twice", key.display()))
+            });
         }
         // SAFETY: the signature is nrt_init's; the version strings are NUL-terminated and
         // outlive the call. No other nrt_* call has been made on this library.
         let status = unsafe { (api.init)(ffi::NRT_FRAMEWORK_TYPE_NO_FW, c"".as_ptr(), c"".as_ptr()) };
         NrtStatus(status).check("nrt_init")?;
-        initialised.push(key);
         let mut runtime = Self { api, visible_cores: 0, version: String::new() };
         let mut cores = 0u32;
         // SAFETY: `cores` is a valid u32 for the call to write.
-        NrtStatus(unsafe { (runtime.api.visible_count)(&mut cores) }).check("nrt_get_visible_vnc_count")?;
+        let counted = NrtStatus(unsafe { (runtime.api.visible_count)(&mut cores) }).check("nrt_get_visible_vnc_count");
         runtime.visible_cores = cores;
         runtime.version = runtime.read_version();
-        Ok(Arc::new(runtime))
+        let runtime = Arc::new(runtime);
+        // Recorded before any early return: from here on, dropping `runtime` closes libnrt.
+        initialised.push((key, Arc::downgrade(&runtime)));
+        counted?;
+        Ok(runtime)
     }
 
     fn read_version(&self) -> String {
