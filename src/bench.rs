@@ -22,9 +22,8 @@ use serde::Serialize;
 use crate::backend::cpu::{CpuBackend, CpuKernels};
 use crate::backend::{Backend, Batch};
 use crate::batcher::BatcherConfig;
-use crate::client::ClientTls;
+use crate::client::ClientAuth;
 use crate::engine::{Admission, Doc, Engine, ModelDir, Options};
-use crate::proto::deal_classifier_client::DealClassifierClient;
 use crate::proto::{ClassifyOptions, ClassifyRequest, Document, Timing};
 use crate::server::{self, ModelSpec};
 use crate::tokenize::LongText;
@@ -122,18 +121,15 @@ pub fn write_workload(data_dir: &Path, out: &Path) -> anyhow::Result<usize> {
 /// What the load generator drives.
 #[derive(Clone)]
 pub enum Target {
-    Grpc(DealClassifierClient<tonic::transport::Channel>),
+    Grpc(Box<crate::client::Client>),
     InProcess(Arc<Engine>),
 }
 
 impl Target {
     /// Connects to a server, or loads the model in process with the server's defaults.
-    pub async fn open(server: Option<&str>, tls: &ClientTls, model_dir: &Path, batcher: BatcherConfig) -> anyhow::Result<Self> {
+    pub async fn open(server: Option<&str>, auth: &ClientAuth, model_dir: &Path, batcher: BatcherConfig) -> anyhow::Result<Self> {
         match server {
-            Some(url) => {
-                let client = DealClassifierClient::new(crate::client::connect(url, tls).await?);
-                Ok(Self::Grpc(client.max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20)))
-            }
+            Some(url) => Ok(Self::Grpc(Box::new(crate::client::classifier(url, auth).await?))),
             None => {
                 let spec = ModelSpec { dir: model_dir.to_path_buf(), max_sequence_length: None, cpu_kernels: CpuKernels::Fast };
                 let engine = tokio::task::spawn_blocking(move || server::load_cpu(&spec, batcher, 16, server::EngineHooks::detached())).await??;

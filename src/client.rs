@@ -4,6 +4,8 @@ use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::{InterceptedService, Interceptor};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use serde::{Deserialize, Serialize};
@@ -72,17 +74,56 @@ fn output_line(r: &DocumentResult) -> OutputLine<'_> {
     }
 }
 
-/// TLS for a client of an `https://` server: the server's certificate is checked against `ca`
-/// (default: the system's roots); `identity` (certificate, key; PEM) answers a server that
-/// asks for client certificates.
+/// How a client proves the server and itself. TLS, for an `https://` server: the server's
+/// certificate is checked against `ca` (default: the system's roots); `identity` (certificate,
+/// key; PEM) answers a server that asks for client certificates. `api_key_file`: its first
+/// key is sent as `authorization: Bearer <key>` (see `crate::auth`).
 #[derive(Debug, Clone, Default)]
-pub struct ClientTls {
+pub struct ClientAuth {
     pub ca: Option<PathBuf>,
     pub identity: Option<(PathBuf, PathBuf)>,
+    pub api_key_file: Option<PathBuf>,
+}
+
+/// A classifier client that sends the API key, if any, with every call.
+pub type Client = DealClassifierClient<InterceptedService<Channel, Bearer>>;
+
+/// Adds `authorization: Bearer <key>` to each request when it has a key.
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+impl Bearer {
+    fn from_file(path: Option<&Path>) -> anyhow::Result<Self> {
+        let Some(path) = path else { return Ok(Self(None)) };
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read --api-key-file {}", path.display()))?;
+        let key = text
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty() && !l.starts_with('#'))
+            .with_context(|| format!("--api-key-file {}: no key in the file", path.display()))?;
+        let value = format!("Bearer {key}").parse().map_err(|_| anyhow::anyhow!("--api-key-file {}: the key is not printable ASCII", path.display()))?;
+        Ok(Self(Some(value)))
+    }
+}
+
+/// A classifier client for `url` (see [`connect`]), sending `auth`'s API key if it has one.
+pub async fn classifier(url: &str, auth: &ClientAuth) -> anyhow::Result<Client> {
+    let bearer = Bearer::from_file(auth.api_key_file.as_deref())?;
+    let channel = connect(url, auth).await?;
+    Ok(DealClassifierClient::with_interceptor(channel, bearer).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20))
 }
 
 /// A channel to `url`: plaintext for `http://`, TLS for `https://`.
-pub async fn connect(url: &str, tls: &ClientTls) -> anyhow::Result<Channel> {
+pub async fn connect(url: &str, tls: &ClientAuth) -> anyhow::Result<Channel> {
     let read = |path: &Path| std::fs::read(path).with_context(|| format!("cannot read {}", path.display()));
     let mut endpoint = Endpoint::from_shared(url.to_string()).with_context(|| format!("{url} is not a server URL (http://host:port or https://host:port)"))?;
     if url.starts_with("https://") {
@@ -102,7 +143,7 @@ pub async fn connect(url: &str, tls: &ClientTls) -> anyhow::Result<Channel> {
 
 pub struct ClassifyArgs {
     pub addr: String,
-    pub tls: ClientTls,
+    pub auth: ClientAuth,
     pub documents: Vec<Document>,
     pub batch_size: usize,
     pub threshold: Option<f32>,
@@ -112,7 +153,7 @@ pub struct ClassifyArgs {
 
 /// Sends documents in calls of `batch_size` and writes results to `out` in input order.
 pub async fn classify(args: ClassifyArgs, out: &mut impl Write) -> anyhow::Result<()> {
-    let mut client = DealClassifierClient::new(connect(&args.addr, &args.tls).await?).max_decoding_message_size(64 << 20);
+    let mut client = classifier(&args.addr, &args.auth).await?;
     let bar = if args.progress {
         let bar = indicatif::ProgressBar::new(args.documents.len() as u64);
         bar.set_style(

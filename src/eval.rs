@@ -9,14 +9,13 @@ use serde::Serialize;
 use crate::data::Example;
 use crate::engine::{Admission, Doc, Engine, Options};
 use crate::metrics::{roc_auc, Confusion};
-use crate::proto::deal_classifier_client::DealClassifierClient;
 use crate::proto::{ClassifyOptions, ClassifyRequest, Document};
 use crate::tokenize::LongText;
 
 /// Where documents are scored.
 pub enum Scorer {
     Local(Box<Engine>),
-    Remote(DealClassifierClient<tonic::transport::Channel>),
+    Remote(Box<crate::client::Client>),
 }
 
 const CALL_SIZE: usize = 64;

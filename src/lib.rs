@@ -4,6 +4,7 @@
 //! `batcher` (queue, dynamic batches) -> `backend` (`cpu` | `neuron`) -> `model`;
 //! `telemetry` counts what they do.
 
+pub mod auth;
 pub mod backend;
 pub mod batcher;
 pub mod bench;

@@ -128,7 +128,7 @@ struct BenchLoadArgs {
     #[arg(long)]
     server: Option<String>,
     #[command(flatten)]
-    tls: ClientTlsArgs,
+    auth: ClientArgs,
     /// Model for the in-process run.
     #[arg(long, env = "DEALSIFT_MODEL_DIR", default_value = DEFAULT_MODEL_DIR)]
     model_dir: PathBuf,
@@ -257,7 +257,7 @@ struct EvalArgs {
     #[arg(long)]
     server: Option<String>,
     #[command(flatten)]
-    tls: ClientTlsArgs,
+    auth: ClientArgs,
     #[arg(long, env = "DEALSIFT_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// Modern labels files (repeatable; default: every round in data/).
@@ -385,6 +385,10 @@ struct ServeArgs {
     /// Seconds a connection may take to finish its TLS handshake before it is closed.
     #[arg(long, env = "DEALSIFT_TLS_HANDSHAKE_TIMEOUT_S", default_value_t = 10)]
     tls_handshake_timeout_s: u64,
+    /// File of API keys, one per line: Classify, ClassifyStream and GetModelInfo then require
+    /// `authorization: Bearer <key>` (health and reflection stay open). Use it with TLS.
+    #[arg(long, env = "DEALSIFT_API_KEY_FILE")]
+    api_key_file: Option<PathBuf>,
     /// Where Prometheus metrics are served (plain HTTP, GET /metrics); `off` disables them.
     #[arg(long, env = "DEALSIFT_METRICS_ADDR", default_value = "0.0.0.0:9464", value_parser = parse_metrics_addr)]
     metrics_addr: MetricsAddr,
@@ -443,7 +447,7 @@ struct ClassifyCli {
     /// Texts to classify (each one document).
     texts: Vec<String>,
     #[command(flatten)]
-    tls: ClientTlsArgs,
+    auth: ClientArgs,
     /// A file of documents: JSONL ({"id", "title", "text"}) or plain text, one per line.
     #[arg(long, short)]
     file: Option<PathBuf>,
@@ -556,7 +560,7 @@ fn bench(command: BenchCommand) -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(async move {
                 let batcher = ServeArgs::parse_from(["serve"]).batcher();
-                let target = bench::Target::open(args.server.as_deref(), &args.tls.client(), &args.model_dir, batcher).await?;
+                let target = bench::Target::open(args.server.as_deref(), &args.auth.client(), &args.model_dir, batcher).await?;
                 let (warmup, duration) = (Duration::from_secs_f64(args.warmup), Duration::from_secs_f64(args.duration));
                 let mut paces = vec![match args.rate {
                     Some(calls_per_s) => bench::Pace::Open { calls_per_s },
@@ -604,19 +608,33 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         _ => None,
     };
+    let api_keys = args.api_key_file.as_deref().map(dealsift::auth::ApiKeys::from_file).transpose()?;
+    if api_keys.is_some() && tls.is_none() {
+        tracing::warn!("API keys without TLS travel in clear text: add --tls-cert and --tls-key, or terminate TLS in front of the server");
+    }
+    let api_key_count = api_keys.as_ref().map_or(0, |k| k.len());
     let reload = Arc::new(tokio::sync::Notify::new());
-    let config = ServerConfig { batcher: batcher.clone(), limits, max_message_bytes: args.max_message_bytes, tls, reload: Some(reload.clone()) };
+    let config = ServerConfig {
+        batcher: batcher.clone(),
+        limits,
+        max_message_bytes: args.max_message_bytes,
+        tls,
+        reload: Some(reload.clone()),
+        api_keys,
+    };
     let spec = ModelSpec { dir: args.model_dir.clone(), max_sequence_length: args.max_sequence_length, cpu_kernels: args.cpu_kernels.into() };
     let max_chunks = args.max_chunks_per_document;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
+        // First: from here on SIGHUP reloads instead of ending the process.
+        reload_on_hangup(reload)?;
         let listener = tokio::net::TcpListener::bind(args.addr).await.with_context(|| format!("cannot listen on {}", args.addr))?;
         let tls = match (&args.tls_cert, &args.tls_client_ca) {
             (None, _) => "off",
             (Some(_), None) => "on",
             (Some(_), Some(_)) => "mutual",
         };
-        tracing::info!(addr = %listener.local_addr()?, tls, model_dir = %spec.dir.display(), "listening; loading model");
+        tracing::info!(addr = %listener.local_addr()?, tls, api_keys = api_key_count, model_dir = %spec.dir.display(), "listening; loading model");
         let metrics_listener = match args.metrics_addr.0 {
             Some(addr) => {
                 let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} for metrics (--metrics-addr; 'off' disables)"))?;
@@ -629,16 +647,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             BackendArg::Cpu => server::load_cpu(&spec, batcher.clone(), max_chunks, hooks),
             BackendArg::Neuron => server::load_neuron(&spec, &neuron, batcher.clone(), max_chunks, hooks),
         };
-        reload_on_hangup(reload)?;
         server::run(listener, metrics_listener, load, config, shutdown_signal()).await?;
         tracing::info!("stopped");
         Ok(())
     })
 }
 
-/// TLS options of the client commands (for an https:// server).
+/// How the client commands reach a server: TLS (for an https:// server) and an API key.
 #[derive(clap::Args)]
-struct ClientTlsArgs {
+struct ClientArgs {
     /// PEM CA certificate the server's certificate must chain to (default: the system's roots).
     #[arg(long, requires = "server")]
     tls_ca: Option<PathBuf>,
@@ -648,12 +665,16 @@ struct ClientTlsArgs {
     /// PEM private key of --tls-cert.
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// File whose first key line (as in the server's --api-key-file) is sent as
+    /// `authorization: Bearer <key>`.
+    #[arg(long, requires = "server")]
+    api_key_file: Option<PathBuf>,
 }
 
-impl ClientTlsArgs {
-    fn client(&self) -> dealsift::client::ClientTls {
+impl ClientArgs {
+    fn client(&self) -> dealsift::client::ClientAuth {
         let identity = self.tls_cert.clone().zip(self.tls_key.clone());
-        dealsift::client::ClientTls { ca: self.tls_ca.clone(), identity }
+        dealsift::client::ClientAuth { ca: self.tls_ca.clone(), identity, api_key_file: self.api_key_file.clone() }
     }
 }
 
@@ -725,7 +746,7 @@ fn classify(args: ClassifyCli) -> anyhow::Result<()> {
         .map_or(dealsift::proto::LongText::Unspecified, |mode| LongText::from(mode).into());
     let request = dealsift::client::ClassifyArgs {
         addr: args.server,
-        tls: args.tls.client(),
+        auth: args.auth.client(),
         documents,
         batch_size: args.batch_size,
         threshold: args.threshold,
@@ -830,10 +851,9 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let (mut scorer, default_threshold) = match &args.server {
             Some(url) => {
-                let channel = dealsift::client::connect(url, &args.tls.client()).await?;
-                let mut client = dealsift::proto::deal_classifier_client::DealClassifierClient::new(channel);
+                let mut client = dealsift::client::classifier(url, &args.auth.client()).await?;
                 let info = client.get_model_info(dealsift::proto::GetModelInfoRequest {}).await?.into_inner();
-                (dealsift::eval::Scorer::Remote(client), info.default_threshold)
+                (dealsift::eval::Scorer::Remote(Box::new(client)), info.default_threshold)
             }
             None => {
                 let spec = ModelSpec { dir: args.model_dir.clone(), max_sequence_length: None, cpu_kernels: CpuKernels::Fast };

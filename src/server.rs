@@ -14,6 +14,7 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
+use crate::auth::ApiKeys;
 use crate::backend::cpu::{CpuBackend, CpuKernels};
 use crate::backend::neuron::{self, NeuronOptions, RuntimeLibrary};
 use crate::backend::Backend;
@@ -38,6 +39,8 @@ pub struct ServerConfig {
     /// Each notification loads the model again and, once it has passed its warm-up, serves
     /// it in place of the current one (`dealsift serve` notifies on SIGHUP); `None`: never.
     pub reload: Option<Arc<Notify>>,
+    /// Keys the classifier RPCs require (`--api-key-file`); `None` leaves them open.
+    pub api_keys: Option<ApiKeys>,
 }
 
 /// TLS from PEM files: the server's certificate chain and key, and optionally the CA whose
@@ -104,8 +107,8 @@ pub struct ModelSpec {
 
 /// Opens a model directory on the CPU backend and starts its batcher.
 pub fn load_cpu(spec: &ModelSpec, batcher: BatcherConfig, max_chunks: usize, hooks: EngineHooks) -> Result<Engine, ModelError> {
-    let model = ModelDir::open(&spec.dir, spec.max_sequence_length)?;
-    let backend = CpuBackend::load(&spec.dir, &model.config, batcher.max_batch_size, model.window, spec.cpu_kernels)?;
+    let model = open_model(spec)?;
+    let backend = CpuBackend::load(&model.path, &model.config, batcher.max_batch_size, model.window, spec.cpu_kernels)?;
     start_engine(model, vec![Box::new(backend)], batcher, max_chunks, hooks)
 }
 
@@ -114,9 +117,23 @@ pub fn load_cpu(spec: &ModelSpec, batcher: BatcherConfig, max_chunks: usize, hoo
 /// the error worth reporting, before anything about the model.
 pub fn load_neuron(spec: &ModelSpec, options: &NeuronOptions, batcher: BatcherConfig, max_chunks: usize, hooks: EngineHooks) -> Result<Engine, ModelError> {
     let library = RuntimeLibrary::open(&options.lib_dir)?;
-    let model = ModelDir::open(&spec.dir, spec.max_sequence_length)?;
+    let model = open_model(spec)?;
     let executors = neuron::load_executors(library, &model, options)?;
     start_engine(model, executors, batcher, max_chunks, hooks)
+}
+
+/// Opens `spec.dir` with symlinks resolved first, so that every file of one load comes from
+/// the same directory even if a link is switched to a new version meanwhile. A model without
+/// a `dealsift.model_id` is still named after the directory as given, not its target.
+fn open_model(spec: &ModelSpec) -> Result<ModelDir, ModelError> {
+    let resolved = spec.dir.canonicalize().unwrap_or_else(|_| spec.dir.clone());
+    let mut model = ModelDir::open(&resolved, spec.max_sequence_length)?;
+    if model.config.dealsift.model_id.is_none() {
+        if let Some(name) = spec.dir.file_name() {
+            model.model_id = name.to_string_lossy().into_owned();
+        }
+    }
+    Ok(model)
 }
 
 /// Wires a model directory's tokenizer and already-loaded executors into an engine.
@@ -187,7 +204,7 @@ where
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let state = Arc::new(State::new(config.limits.clone(), metrics.clone()));
+    let state = Arc::new(State::new(config.limits.clone(), config.api_keys.clone(), metrics.clone()));
     // Compressed requests are accepted; responses are compressed for clients that ask.
     let service = DealClassifierServer::new(DealService::new(state.clone()))
         .accept_compressed(CompressionEncoding::Gzip)
@@ -200,15 +217,19 @@ where
     let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<ServeError>();
     // Backend failures, tagged with the number of the load whose engine reported them.
     let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::unbounded_channel::<(u64, BackendError)>();
-    let lifecycle = Lifecycle { load: Arc::new(load), state: state.clone(), reporter: reporter.clone(), fatal_tx };
+    // Held while the served engine and what health and metrics say of it change together, so
+    // a failure and a reload finishing at the same moment cannot leave them disagreeing.
+    let transition = Arc::new(tokio::sync::Mutex::new(()));
+    let lifecycle = Lifecycle { load: Arc::new(load), state: state.clone(), reporter: reporter.clone(), fatal_tx, transition: transition.clone() };
     let models = tokio::spawn(lifecycle.run(failed_tx, config.reload.clone()));
 
     let fatal_state = state.clone();
     let fatal_reporter = reporter.clone();
     tokio::spawn(async move {
         while let Some((generation, err)) = fatal_rx.recv().await {
+            let _transition = transition.lock().await;
             if !fatal_state.set_failed(generation, err.clone()) {
-                tracing::warn!(error = %err, "the backend of a model replaced by a reload failed; the served model is unaffected");
+                tracing::warn!(error = %err, "the backend of a model not (or no longer) served failed; the served model is unaffected");
                 continue;
             }
             tracing::error!(error = %err, "backend failed; health is NOT_SERVING until a restart or a reload");
@@ -233,11 +254,14 @@ where
         // with Nagle's algorithm they wait for the client's delayed ACK (tens of ms).
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), stop)
         .await?;
-    metrics.set_not_ready();
-    // No reload may install an engine after this one is shut down.
+    // No reload may install an engine after this one is shut down: wait until the task has
+    // stopped (a load still running on its blocking thread is dropped when it returns).
     models.abort();
+    let _ = models.await;
+    metrics.set_not_ready();
     if let Some(engine) = state.engine() {
-        engine.shutdown();
+        // Finishes the work already queued: joins threads, so off the async workers.
+        let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
     }
     drop(metrics_stop);
     if let Some(mut server) = metrics_server {
@@ -260,6 +284,7 @@ struct Lifecycle<L> {
     state: Arc<State>,
     reporter: HealthReporter,
     fatal_tx: tokio::sync::mpsc::UnboundedSender<(u64, BackendError)>,
+    transition: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl<L> Lifecycle<L>
@@ -281,8 +306,8 @@ where
             tracing::info!(previous_version = %previous, "reloading the model");
             match self.load_and_warm_up(generation).await {
                 Ok(engine) => {
-                    self.state.metrics.reloaded(true);
                     self.install(generation, engine).await;
+                    self.state.metrics.reloaded(true);
                 }
                 Err(e) => {
                     self.state.metrics.reloaded(false);
@@ -307,16 +332,15 @@ where
             Ok(Err(e)) => return Err(ServeError::Load(e)),
             Err(e) => return Err(ServeError::Warmup(format!("loader panicked: {e}"))),
         };
-        if let Err(e) = warm_up(&engine).await {
-            engine.shutdown();
-            return Err(e);
-        }
+        // A failed engine is dropped: its threads stop without blocking this task.
+        warm_up(&engine).await?;
         Ok(engine)
     }
 
     /// Serves `engine` from the next request on; the one it replaces is freed when its last
     /// request has been answered (see `Batcher`'s `Drop`).
     async fn install(&self, generation: u64, engine: Arc<Engine>) {
+        let _transition = self.transition.lock().await;
         self.state.set_engine(generation, engine.clone());
         self.state.metrics.set_serving(&engine.model.model_id, &engine.model.version, engine.batcher().info().name);
         set_health(&self.reporter, ServingStatus::Serving).await;

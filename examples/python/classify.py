@@ -10,10 +10,12 @@ Generate the stubs first, from the repository root (they are git-ignored):
 Then run:
 
     python examples/python/classify.py [ADDRESS] [--tls-ca CA.pem [--tls-cert C.pem --tls-key K.pem]]
+        [--api-key-file KEYS]
 
 ADDRESS is host:port; it defaults to $DEALSIFT_SERVER, then 127.0.0.1:50051. With --tls-ca
 (a server started with --tls-cert/--tls-key) the channel is TLS; --tls-cert/--tls-key add a
-client certificate for a server that requires one (--tls-client-ca).
+client certificate for a server that requires one (--tls-client-ca). --api-key-file sends
+the file's first key (as in the server's --api-key-file) as `authorization: Bearer <key>`.
 The script checks grpc.health.v1 for "dealsift.v1.DealClassifier", prints the model
 info, and classifies two documents. Exit status: 0 on success, 1 on an RPC error,
 2 when the service is not SERVING (e.g. the model is still loading).
@@ -63,7 +65,15 @@ def main() -> int:
     parser.add_argument("--tls-ca", help="PEM CA the server's certificate must chain to")
     parser.add_argument("--tls-cert", help="PEM client certificate (mutual TLS)")
     parser.add_argument("--tls-key", help="PEM key of --tls-cert")
+    parser.add_argument("--api-key-file", help="file whose first key line is sent as a bearer token")
     args = parser.parse_args()
+    metadata = []
+    if args.api_key_file:
+        with open(args.api_key_file) as f:
+            keys = [line.strip() for line in f if line.strip() and not line.strip().startswith("#")]
+        if not keys:
+            sys.exit(f"--api-key-file {args.api_key_file}: no key in the file")
+        metadata = [("authorization", f"Bearer {keys[0]}")]
     address = args.address
     # The Rust CLI's DEALSIFT_SERVER takes a URL; grpcio wants host:port.
     for scheme in ("http://", "https://"):
@@ -83,7 +93,7 @@ def main() -> int:
 
             stub = dealsift_pb2_grpc.DealClassifierStub(channel)
 
-            info = stub.GetModelInfo(dealsift_pb2.GetModelInfoRequest(), timeout=DEADLINE_S)
+            info = stub.GetModelInfo(dealsift_pb2.GetModelInfoRequest(), timeout=DEADLINE_S, metadata=metadata)
             print(
                 f"model {info.model_id} version {info.model_version} backend {info.backend} "
                 f"labels {list(info.labels)} max_sequence_length {info.max_sequence_length} "
@@ -105,7 +115,7 @@ def main() -> int:
                 # Options are optional; unset fields use the server's defaults.
                 options=dealsift_pb2.ClassifyOptions(long_text=dealsift_pb2.LONG_TEXT_TRUNCATE),
             )
-            response = stub.Classify(request, timeout=DEADLINE_S)
+            response = stub.Classify(request, timeout=DEADLINE_S, metadata=metadata)
         except grpc.RpcError as e:
             # Every RpcError raised by a unary call is also a grpc.Call.
             print(f"RPC failed: {e.code().name}: {e.details()}", file=sys.stderr)

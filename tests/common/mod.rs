@@ -68,6 +68,7 @@ pub fn config() -> ServerConfig {
         max_message_bytes: 4 << 20,
         tls: None,
         reload: None,
+        api_keys: None,
     }
 }
 
@@ -145,7 +146,7 @@ impl TestServer {
     }
 
     pub async fn wait_serving(&self) {
-        for _ in 0..500 {
+        for _ in 0..1000 {
             if self.health().await == ServingStatus::Serving {
                 return;
             }

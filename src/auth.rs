@@ -1,0 +1,147 @@
+//! API keys for the classifier RPCs: a caller sends `authorization: Bearer <key>`, and the
+//! server accepts any key listed in `--api-key-file`. Health and reflection stay open, so
+//! probes and tooling need no key. Only SHA-256 digests of the keys are kept, and a presented
+//! key is compared with every one in constant time: neither its length nor how much of it
+//! matched shows in the timing. Keys never reach logs or error messages.
+
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tonic::metadata::MetadataMap;
+use tonic::Status;
+
+/// Shorter keys are refused at start: a key is a secret, not a password to remember.
+pub const MIN_KEY_LENGTH: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiKeyError {
+    #[error("--api-key-file {path}: {reason}")]
+    File { path: String, reason: String },
+}
+
+/// The accepted keys, as digests.
+#[derive(Clone)]
+pub struct ApiKeys {
+    digests: Vec<[u8; 32]>,
+}
+
+impl std::fmt::Debug for ApiKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ApiKeys({} keys)", self.digests.len())
+    }
+}
+
+fn digest(key: &[u8]) -> [u8; 32] {
+    Sha256::digest(key).into()
+}
+
+impl ApiKeys {
+    /// One key per line; blank lines and lines starting with `#` are skipped, so a file can
+    /// hold the old and the new key while clients move over.
+    pub fn from_file(path: &Path) -> Result<Self, ApiKeyError> {
+        let error = |reason: String| ApiKeyError::File { path: path.display().to_string(), reason };
+        let text = std::fs::read_to_string(path).map_err(|e| error(e.to_string()))?;
+        Self::parse(&text).map_err(error)
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut digests = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let key = line.trim();
+            if key.is_empty() || key.starts_with('#') {
+                continue;
+            }
+            if key.len() < MIN_KEY_LENGTH || key.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(format!(
+                    "line {}: a key is at least {MIN_KEY_LENGTH} characters without spaces (e.g. `openssl rand -hex 32`)",
+                    n + 1
+                ));
+            }
+            digests.push(digest(key.as_bytes()));
+        }
+        if digests.is_empty() {
+            return Err("no key in the file (one per line; # starts a comment)".into());
+        }
+        Ok(Self { digests })
+    }
+
+    pub fn len(&self) -> usize {
+        self.digests.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.digests.is_empty()
+    }
+
+    /// `UNAUTHENTICATED` unless the call carries `authorization: Bearer <an accepted key>`.
+    pub fn check(&self, metadata: &MetadataMap) -> Result<(), Status> {
+        let header = metadata
+            .get("authorization")
+            .ok_or_else(|| Status::unauthenticated("missing API key: send the metadata header `authorization: Bearer <key>`"))?;
+        let key = header
+            .to_str()
+            .ok()
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, key)| key.trim())
+            .ok_or_else(|| Status::unauthenticated("the authorization header must be `Bearer <key>`"))?;
+        let presented = digest(key.as_bytes());
+        let accepted = self.digests.iter().fold(subtle::Choice::from(0), |any, d| any | d.ct_eq(&presented));
+        if bool::from(accepted) {
+            Ok(())
+        } else {
+            Err(Status::unauthenticated("API key not accepted"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    const A: &str = "0123456789abcdef0123";
+    const B: &str = "fedcba9876543210fedc";
+
+    fn with_header(value: &str) -> MetadataMap {
+        let mut m = MetadataMap::new();
+        m.insert("authorization", value.parse().unwrap());
+        m
+    }
+
+    #[test]
+    fn the_file_lists_keys_with_comments_and_blank_lines() {
+        let keys = ApiKeys::parse(&format!("# current\n{A}\n\n  {B}  \n")).unwrap();
+        assert_eq!(keys.len(), 2);
+        for key in [A, B] {
+            keys.check(&with_header(&format!("Bearer {key}"))).unwrap();
+        }
+        keys.check(&with_header(&format!("bearer {A}"))).unwrap();
+        assert!(!format!("{keys:?}").contains(A), "Debug never shows a key");
+    }
+
+    #[test]
+    fn weak_or_missing_keys_are_refused_at_start() {
+        assert!(ApiKeys::parse("short\n").unwrap_err().contains("line 1: a key is at least 16"));
+        assert!(ApiKeys::parse(&format!("{A}\nwith a space in it 12345\n")).unwrap_err().starts_with("line 2"));
+        assert!(ApiKeys::parse("# only a comment\n\n").unwrap_err().contains("no key"));
+    }
+
+    #[test]
+    fn calls_without_an_accepted_key_are_unauthenticated() {
+        let keys = ApiKeys::parse(A).unwrap();
+        for (metadata, says) in [
+            (MetadataMap::new(), "missing API key"),
+            (with_header(A), "must be `Bearer <key>`"),
+            (with_header(&format!("Basic {A}")), "must be `Bearer <key>`"),
+            (with_header(&format!("Bearer {B}")), "not accepted"),
+            (with_header(&format!("Bearer {}", &A[..A.len() - 1])), "not accepted"),
+        ] {
+            let status = keys.check(&metadata).unwrap_err();
+            assert_eq!(status.code(), Code::Unauthenticated);
+            assert!(status.message().contains(says), "{}", status.message());
+            assert!(!status.message().contains(B) && !status.message().contains(&A[..8]), "no key in the message");
+        }
+    }
+}
