@@ -437,6 +437,13 @@ struct ServeArgs {
     /// Largest gRPC message, in bytes.
     #[arg(long, env = "DEALSIFT_MAX_MESSAGE_BYTES", default_value_t = 32 << 20)]
     max_message_bytes: usize,
+    /// Seconds between HTTP/2 pings on each connection (keeps idle streams alive through load
+    /// balancers, finds vanished clients); 0 turns them off.
+    #[arg(long, env = "DEALSIFT_KEEPALIVE_INTERVAL_S", default_value_t = 60)]
+    keepalive_interval_s: u64,
+    /// Seconds a ping may wait for its answer before the connection is closed.
+    #[arg(long, env = "DEALSIFT_KEEPALIVE_TIMEOUT_S", default_value_t = 20)]
+    keepalive_timeout_s: u64,
     /// Default handling of texts longer than the model window.
     #[arg(long, env = "DEALSIFT_LONG_TEXT", value_enum, default_value = "truncate")]
     long_text: LongTextArg,
@@ -618,6 +625,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         batcher: batcher.clone(),
         limits,
         max_message_bytes: args.max_message_bytes,
+        keepalive: (args.keepalive_interval_s > 0)
+            .then(|| server::Keepalive { interval: Duration::from_secs(args.keepalive_interval_s), timeout: Duration::from_secs(args.keepalive_timeout_s) }),
         tls,
         reload: Some(reload.clone()),
         api_keys,

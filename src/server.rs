@@ -34,6 +34,8 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// Largest request message accepted, in bytes.
     pub max_message_bytes: usize,
+    /// HTTP/2 pings on every connection; `None`: none.
+    pub keepalive: Option<Keepalive>,
     /// TLS on the gRPC port (see [`tls_config`]); `None` serves plaintext.
     pub tls: Option<ServerTlsConfig>,
     /// Each notification loads the model again and, once it has passed its warm-up, serves
@@ -41,6 +43,13 @@ pub struct ServerConfig {
     pub reload: Option<Arc<Notify>>,
     /// Keys the classifier RPCs require (`--api-key-file`); `None` leaves them open.
     pub api_keys: Option<ApiKeys>,
+}
+
+/// A ping every `interval`; a connection whose ping goes unanswered for `timeout` is closed.
+#[derive(Debug, Clone, Copy)]
+pub struct Keepalive {
+    pub interval: Duration,
+    pub timeout: Duration,
 }
 
 /// TLS from PEM files: the server's certificate chain and key, and optionally the CA whose
@@ -175,7 +184,9 @@ pub async fn run<L>(
 where
     L: Fn(EngineHooks) -> Result<Engine, ModelError> + Send + Sync + 'static,
 {
-    let mut server = Server::builder();
+    let mut server = Server::builder()
+        .http2_keepalive_interval(config.keepalive.map(|k| k.interval))
+        .http2_keepalive_timeout(config.keepalive.map(|k| k.timeout));
     if let Some(tls) = config.tls.clone() {
         // Checks the certificate and key before anything starts.
         server = server.tls_config(tls).map_err(|e| {

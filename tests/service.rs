@@ -331,6 +331,42 @@ async fn api_keys_guard_the_classifier_rpcs() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// With keepalive on, the server pings each connection and closes one whose peer never
+/// answers: here a raw HTTP/2 peer that sends its preface and settings, then stays silent.
+#[tokio::test]
+async fn keepalive_closes_a_connection_whose_peer_stopped_answering() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut config = config();
+    config.keepalive = Some(dealsift::server::Keepalive { interval: Duration::from_millis(200), timeout: Duration::from_millis(200) });
+    let load = loader(&config, plain);
+    let server = TestServer::start(config, load).await;
+    let mut conn = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    // Client preface, then an empty SETTINGS frame (length 0, type 4, no flags, stream 0).
+    conn.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+    conn.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+    let mut received = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the server kept a connection whose peer never answered its pings");
+    // Walk the frames the server sent: 9-byte headers, a 24-bit length and a type.
+    let (mut at, mut types) = (0, Vec::new());
+    while at + 9 <= received.len() {
+        let length = u32::from_be_bytes([0, received[at], received[at + 1], received[at + 2]]) as usize;
+        types.push(received[at + 3]);
+        at += 9 + length;
+    }
+    assert!(types.contains(&6), "a PING frame (type 6) was sent: {types:?}");
+    server.stop().await.unwrap();
+}
+
 fn with_options(threshold: Option<f32>, long_text: i32) -> dealsift::proto::ClassifyRequest {
     let mut req = request(vec![doc("a", HEADLINES[0])]);
     req.options = Some(ClassifyOptions { threshold, long_text });

@@ -66,6 +66,7 @@ pub fn config() -> ServerConfig {
             default_long_text: LongText::Truncate,
         },
         max_message_bytes: 4 << 20,
+        keepalive: None,
         tls: None,
         reload: None,
         api_keys: None,
