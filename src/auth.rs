@@ -5,11 +5,15 @@
 //! matched shows in the timing. Keys never reach logs or error messages.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tonic::metadata::MetadataMap;
+use tonic::service::Interceptor;
 use tonic::Status;
+
+use crate::telemetry::Metrics;
 
 /// Shorter keys are refused at start: a key is a secret, not a password to remember.
 pub const MIN_KEY_LENGTH: usize = 16;
@@ -52,9 +56,9 @@ impl ApiKeys {
             if key.is_empty() || key.starts_with('#') {
                 continue;
             }
-            if key.len() < MIN_KEY_LENGTH || key.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            if key.len() < MIN_KEY_LENGTH || !key.bytes().all(|b| b.is_ascii_graphic()) {
                 return Err(format!(
-                    "line {}: a key is at least {MIN_KEY_LENGTH} characters without spaces (e.g. `openssl rand -hex 32`)",
+                    "line {}: a key is at least {MIN_KEY_LENGTH} printable ASCII characters without spaces (e.g. `openssl rand -hex 32`)",
                     n + 1
                 ));
             }
@@ -96,6 +100,32 @@ impl ApiKeys {
     }
 }
 
+/// The classifier service's gate: with keys, a call without an accepted one is refused with
+/// `UNAUTHENTICATED` (and counted) from its headers alone; without keys, every call passes.
+#[derive(Clone)]
+pub struct KeyCheck {
+    keys: Option<Arc<ApiKeys>>,
+    metrics: Arc<Metrics>,
+}
+
+impl KeyCheck {
+    pub fn new(keys: Option<ApiKeys>, metrics: Arc<Metrics>) -> Self {
+        Self { keys: keys.map(Arc::new), metrics }
+    }
+}
+
+impl Interceptor for KeyCheck {
+    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(keys) = &self.keys {
+            if let Err(status) = keys.check(request.metadata()) {
+                self.metrics.refused_unauthenticated();
+                return Err(status);
+            }
+        }
+        Ok(request)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,6 +155,7 @@ mod tests {
     fn weak_or_missing_keys_are_refused_at_start() {
         assert!(ApiKeys::parse("short\n").unwrap_err().contains("line 1: a key is at least 16"));
         assert!(ApiKeys::parse(&format!("{A}\nwith a space in it 12345\n")).unwrap_err().starts_with("line 2"));
+        assert!(ApiKeys::parse("0123456789abcdéf0123\n").unwrap_err().contains("printable ASCII"));
         assert!(ApiKeys::parse("# only a comment\n\n").unwrap_err().contains("no key"));
     }
 

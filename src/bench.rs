@@ -131,6 +131,7 @@ impl Target {
         match server {
             Some(url) => Ok(Self::Grpc(Box::new(crate::client::classifier(url, auth).await?))),
             None => {
+                anyhow::ensure!(auth.api_key_file.is_none(), "--api-key-file is for a server: add --server");
                 let spec = ModelSpec { dir: model_dir.to_path_buf(), max_sequence_length: None, cpu_kernels: CpuKernels::Fast };
                 let engine = tokio::task::spawn_blocking(move || server::load_cpu(&spec, batcher, 16, server::EngineHooks::detached())).await??;
                 Ok(Self::InProcess(Arc::new(engine)))

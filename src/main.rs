@@ -437,12 +437,12 @@ struct ServeArgs {
     /// Largest gRPC message, in bytes.
     #[arg(long, env = "DEALSIFT_MAX_MESSAGE_BYTES", default_value_t = 32 << 20)]
     max_message_bytes: usize,
-    /// Seconds between HTTP/2 pings on each connection (keeps idle streams alive through load
-    /// balancers, finds vanished clients); 0 turns them off.
-    #[arg(long, env = "DEALSIFT_KEEPALIVE_INTERVAL_S", default_value_t = 60)]
+    /// Seconds without traffic on a connection before an HTTP/2 ping (keeps idle streams alive
+    /// through load balancers, finds vanished clients); below the balancer's idle timeout; 0: off.
+    #[arg(long, env = "DEALSIFT_KEEPALIVE_INTERVAL_S", default_value_t = 30)]
     keepalive_interval_s: u64,
     /// Seconds a ping may wait for its answer before the connection is closed.
-    #[arg(long, env = "DEALSIFT_KEEPALIVE_TIMEOUT_S", default_value_t = 20)]
+    #[arg(long, env = "DEALSIFT_KEEPALIVE_TIMEOUT_S", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
     keepalive_timeout_s: u64,
     /// Default handling of texts longer than the model window.
     #[arg(long, env = "DEALSIFT_LONG_TEXT", value_enum, default_value = "truncate")]
@@ -634,7 +634,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let spec = ModelSpec { dir: args.model_dir.clone(), max_sequence_length: args.max_sequence_length, cpu_kernels: args.cpu_kernels.into() };
     let max_chunks = args.max_chunks_per_document;
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(async move {
+    let served = runtime.block_on(async move {
         // First: from here on SIGHUP reloads instead of ending the process.
         reload_on_hangup(reload)?;
         let listener = tokio::net::TcpListener::bind(args.addr).await.with_context(|| format!("cannot listen on {}", args.addr))?;
@@ -659,7 +659,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         server::run(listener, metrics_listener, load, config, shutdown_signal()).await?;
         tracing::info!("stopped");
         Ok(())
-    })
+    });
+    // A model load still running (a reload cut short by shutdown) must not hold up the exit.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    served
 }
 
 /// How the client commands reach a server: TLS (for an https:// server) and an API key.
@@ -675,8 +678,8 @@ struct ClientArgs {
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
     /// File whose first key line (as in the server's --api-key-file) is sent as
-    /// `authorization: Bearer <key>`.
-    #[arg(long, requires = "server")]
+    /// `authorization: Bearer <key>` (with --server).
+    #[arg(long)]
     api_key_file: Option<PathBuf>,
 }
 
@@ -865,6 +868,7 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
                 (dealsift::eval::Scorer::Remote(Box::new(client)), info.default_threshold)
             }
             None => {
+                anyhow::ensure!(args.auth.api_key_file.is_none(), "--api-key-file is for a server: add --server");
                 let spec = ModelSpec { dir: args.model_dir.clone(), max_sequence_length: None, cpu_kernels: CpuKernels::Fast };
                 let batcher = ServeArgs::parse_from(["serve"]).batcher();
                 let engine = server::load_cpu(&spec, batcher, 16, server::EngineHooks::detached())?;

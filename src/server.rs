@@ -9,12 +9,13 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tonic::codec::CompressionEncoding;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
-use crate::auth::ApiKeys;
+use crate::auth::{ApiKeys, KeyCheck};
 use crate::backend::cpu::{CpuBackend, CpuKernels};
 use crate::backend::neuron::{self, NeuronOptions, RuntimeLibrary};
 use crate::backend::Backend;
@@ -138,9 +139,7 @@ fn open_model(spec: &ModelSpec) -> Result<ModelDir, ModelError> {
     let resolved = spec.dir.canonicalize().unwrap_or_else(|_| spec.dir.clone());
     let mut model = ModelDir::open(&resolved, spec.max_sequence_length)?;
     if model.config.dealsift.model_id.is_none() {
-        if let Some(name) = spec.dir.file_name() {
-            model.model_id = name.to_string_lossy().into_owned();
-        }
+        model.model_id = spec.dir.file_name().map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned());
     }
     Ok(model)
 }
@@ -215,7 +214,7 @@ where
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let state = Arc::new(State::new(config.limits.clone(), config.api_keys.clone(), metrics.clone()));
+    let state = Arc::new(State::new(config.limits.clone(), metrics.clone()));
     // Compressed requests are accepted; responses are compressed for clients that ask.
     let service = DealClassifierServer::new(DealService::new(state.clone()))
         .accept_compressed(CompressionEncoding::Gzip)
@@ -224,6 +223,8 @@ where
         .send_compressed(CompressionEncoding::Deflate)
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
+    // Keys are checked on the headers, before a request's body is read or inflated.
+    let service = InterceptedService::new(service, KeyCheck::new(config.api_keys.clone(), metrics.clone()));
 
     let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<ServeError>();
     // Backend failures, tagged with the number of the load whose engine reported them.

@@ -8,7 +8,6 @@ use futures::{Stream, StreamExt};
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Response, Status, Streaming};
 
-use crate::auth::ApiKeys;
 use crate::engine::{Admission, Doc, Engine, EngineError, Options};
 use crate::error::BackendError;
 use crate::model::config::Joins;
@@ -33,8 +32,6 @@ pub struct Limits {
 pub struct State {
     current: RwLock<Current>,
     limits: Limits,
-    /// Keys the classifier RPCs require (`None`: open).
-    api_keys: Option<ApiKeys>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -48,12 +45,8 @@ struct Current {
 }
 
 impl State {
-    pub fn new(limits: Limits, api_keys: Option<ApiKeys>, metrics: Arc<Metrics>) -> Self {
-        Self { current: RwLock::new(Current::default()), limits, api_keys, metrics }
-    }
-
-    fn authorize(&self, metadata: &MetadataMap) -> Result<(), Status> {
-        self.api_keys.as_ref().map_or(Ok(()), |keys| keys.check(metadata))
+    pub fn new(limits: Limits, metrics: Arc<Metrics>) -> Self {
+        Self { current: RwLock::new(Current::default()), limits, metrics }
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Current> {
@@ -207,7 +200,6 @@ type ResultStream = Pin<Box<dyn Stream<Item = Result<ClassifyStreamResponse, Sta
 impl DealService {
     async fn answer_classify(&self, request: Request<ClassifyRequest>) -> Result<Response<ClassifyResponse>, Status> {
         let deadline = deadline(request.metadata(), Instant::now());
-        self.state.authorize(request.metadata())?;
         let engine = self.state.ready()?;
         let limits = &self.state.limits;
         let req = request.into_inner();
@@ -250,7 +242,7 @@ impl DealClassifier for DealService {
 
     async fn classify_stream(&self, request: Request<Streaming<ClassifyStreamRequest>>) -> Result<Response<ResultStream>, Status> {
         let deadline = deadline(request.metadata(), Instant::now());
-        if let Err(status) = self.state.authorize(request.metadata()).and_then(|()| self.state.ready().map(drop)) {
+        if let Err(status) = self.state.ready() {
             // Refused before any message is read: counted as one request.
             self.state.metrics.start_request(Rpc::ClassifyStream).finish(Err(status.code()));
             return Err(status);
@@ -290,8 +282,7 @@ impl DealClassifier for DealService {
         Ok(Response::new(Box::pin(out)))
     }
 
-    async fn get_model_info(&self, request: Request<GetModelInfoRequest>) -> Result<Response<ModelInfo>, Status> {
-        self.state.authorize(request.metadata())?;
+    async fn get_model_info(&self, _request: Request<GetModelInfoRequest>) -> Result<Response<ModelInfo>, Status> {
         let engine = self.state.ready()?;
         Ok(Response::new(model_info(&engine, &self.state.limits)))
     }

@@ -88,6 +88,7 @@ pub struct Metrics {
     ready: Gauge,
     model: Family<ModelLabels, Gauge>,
     reloads: Family<ReloadLabels, Counter>,
+    unauthenticated: Counter,
 }
 
 impl Default for Metrics {
@@ -149,6 +150,12 @@ impl Metrics {
         registry.register("model_info", "The served model (value 1)", model.clone());
         let reloads = Family::<ReloadLabels, Counter>::default();
         registry.register("model_reloads", "Model reloads (SIGHUP) by result: ok, or failed (the previous model kept serving)", reloads.clone());
+        let unauthenticated = Counter::default();
+        registry.register(
+            "unauthenticated_requests",
+            "Classifier calls refused for a missing or unaccepted API key, before their body was read",
+            unauthenticated.clone(),
+        );
         Self {
             registry,
             requests,
@@ -165,6 +172,7 @@ impl Metrics {
             ready,
             model,
             reloads,
+            unauthenticated,
         }
     }
 
@@ -227,6 +235,10 @@ impl Metrics {
     /// Counts a model reload that succeeded (`ok`) or failed.
     pub fn reloaded(&self, ok: bool) {
         self.reloads.get_or_create(&ReloadLabels { result: if ok { "ok" } else { "failed" } }).inc();
+    }
+
+    pub fn refused_unauthenticated(&self) {
+        self.unauthenticated.inc();
     }
 
     pub fn set_not_ready(&self) {

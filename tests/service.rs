@@ -319,11 +319,14 @@ async fn api_keys_guard_the_classifier_rpcs() {
         let err = client.classify_stream(futures::stream::iter([item])).await.expect_err("a stream is refused at its start");
         assert_eq!(err.code(), Code::Unauthenticated);
     }
+    // Refused on its headers: a body over --max-message-bytes is never read.
+    let mut anonymous = classifier(&server.url(), &ClientAuth::default()).await.unwrap();
+    let err = anonymous.classify(request(vec![doc("big", &"x".repeat(5 << 20))])).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
     assert_eq!(server.health().await, ServingStatus::Serving, "health needs no key");
     server
         .assert_metric_lines(&[
-            "dealsift_requests_total{rpc=\"Classify\",code=\"UNAUTHENTICATED\"} 2",
-            "dealsift_requests_total{rpc=\"ClassifyStream\",code=\"UNAUTHENTICATED\"} 2",
+            "dealsift_unauthenticated_requests_total 7",
             "dealsift_requests_total{rpc=\"Classify\",code=\"OK\"} 2",
         ])
         .await;
