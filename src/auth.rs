@@ -4,8 +4,8 @@
 //! key is compared with every one in constant time: neither its length nor how much of it
 //! matched shows in the timing. Keys never reach logs or error messages.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -24,10 +24,11 @@ pub enum ApiKeyError {
     File { path: String, reason: String },
 }
 
-/// The accepted keys, as digests.
+/// The accepted keys, as digests, and the file they came from.
 #[derive(Clone)]
 pub struct ApiKeys {
     digests: Vec<[u8; 32]>,
+    file: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for ApiKeys {
@@ -46,7 +47,7 @@ impl ApiKeys {
     pub fn from_file(path: &Path) -> Result<Self, ApiKeyError> {
         let error = |reason: String| ApiKeyError::File { path: path.display().to_string(), reason };
         let text = std::fs::read_to_string(path).map_err(|e| error(e.to_string()))?;
-        Self::parse(&text).map_err(error)
+        Ok(Self { file: Some(path.to_path_buf()), ..Self::parse(&text).map_err(error)? })
     }
 
     pub fn parse(text: &str) -> Result<Self, String> {
@@ -67,7 +68,7 @@ impl ApiKeys {
         if digests.is_empty() {
             return Err("no key in the file (one per line; # starts a comment)".into());
         }
-        Ok(Self { digests })
+        Ok(Self { digests, file: None })
     }
 
     pub fn len(&self) -> usize {
@@ -102,21 +103,37 @@ impl ApiKeys {
 
 /// The classifier service's gate: with keys, a call without an accepted one is refused with
 /// `UNAUTHENTICATED` (and counted) from its headers alone; without keys, every call passes.
+/// Its clones share the keys, which [`KeyCheck::reload`] replaces while serving.
 #[derive(Clone)]
 pub struct KeyCheck {
-    keys: Option<Arc<ApiKeys>>,
+    keys: Arc<RwLock<Option<Arc<ApiKeys>>>>,
     metrics: Arc<Metrics>,
 }
 
 impl KeyCheck {
     pub fn new(keys: Option<ApiKeys>, metrics: Arc<Metrics>) -> Self {
-        Self { keys: keys.map(Arc::new), metrics }
+        Self { keys: Arc::new(RwLock::new(keys.map(Arc::new))), metrics }
+    }
+
+    fn current(&self) -> Option<Arc<ApiKeys>> {
+        self.keys.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Reads the keys' file again and, if it is valid, checks calls against it from now on;
+    /// otherwise the current keys stay. `None` when the keys did not come from a file.
+    pub fn reload(&self) -> Option<Result<usize, ApiKeyError>> {
+        let file = self.current()?.file.clone()?;
+        Some(ApiKeys::from_file(&file).map(|keys| {
+            let count = keys.len();
+            *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(keys));
+            count
+        }))
     }
 }
 
 impl Interceptor for KeyCheck {
     fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
-        if let Some(keys) = &self.keys {
+        if let Some(keys) = self.current() {
             if let Err(status) = keys.check(request.metadata()) {
                 self.metrics.refused_unauthenticated();
                 return Err(status);

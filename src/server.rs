@@ -39,8 +39,9 @@ pub struct ServerConfig {
     pub keepalive: Option<Keepalive>,
     /// TLS on the gRPC port (see [`tls_config`]); `None` serves plaintext.
     pub tls: Option<ServerTlsConfig>,
-    /// Each notification loads the model again and, once it has passed its warm-up, serves
-    /// it in place of the current one (`dealsift serve` notifies on SIGHUP); `None`: never.
+    /// Each notification reads `api_keys`' file again and loads the model again, serving it in
+    /// place of the current one once it has passed its warm-up (`dealsift serve` notifies on
+    /// SIGHUP); `None`: never.
     pub reload: Option<Arc<Notify>>,
     /// Keys the classifier RPCs require (`--api-key-file`); `None` leaves them open.
     pub api_keys: Option<ApiKeys>,
@@ -224,7 +225,8 @@ where
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
     // Keys are checked on the headers, before a request's body is read or inflated.
-    let service = InterceptedService::new(service, KeyCheck::new(config.api_keys.clone(), metrics.clone()));
+    let key_check = KeyCheck::new(config.api_keys.clone(), metrics.clone());
+    let service = InterceptedService::new(service, key_check.clone());
 
     let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<ServeError>();
     // Backend failures, tagged with the number of the load whose engine reported them.
@@ -232,7 +234,7 @@ where
     // Held while the served engine and what health and metrics say of it change together, so
     // a failure and a reload finishing at the same moment cannot leave them disagreeing.
     let transition = Arc::new(tokio::sync::Mutex::new(()));
-    let lifecycle = Lifecycle { load: Arc::new(load), state: state.clone(), reporter: reporter.clone(), fatal_tx, transition: transition.clone() };
+    let lifecycle = Lifecycle { load: Arc::new(load), key_check, state: state.clone(), reporter: reporter.clone(), fatal_tx, transition: transition.clone() };
     let models = tokio::spawn(lifecycle.run(failed_tx, config.reload.clone()));
 
     let fatal_state = state.clone();
@@ -290,9 +292,11 @@ where
 }
 
 /// Loads models and installs them: once at start (a failure there ends the server), then on
-/// each reload notification (a failure there leaves the current model serving).
+/// each reload notification (a failure there leaves the current model serving), when the API
+/// key file is read again too.
 struct Lifecycle<L> {
     load: Arc<L>,
+    key_check: KeyCheck,
     state: Arc<State>,
     reporter: HealthReporter,
     fatal_tx: tokio::sync::mpsc::UnboundedSender<(u64, BackendError)>,
@@ -314,6 +318,17 @@ where
         let Some(reload) = reload else { return };
         for generation in 1.. {
             reload.notified().await;
+            match self.key_check.reload() {
+                Some(Ok(keys)) => {
+                    self.state.metrics.api_keys_reloaded(true);
+                    tracing::info!(keys, "API keys read again");
+                }
+                Some(Err(e)) => {
+                    self.state.metrics.api_keys_reloaded(false);
+                    tracing::error!(error = %e, "API key file rejected; the previous keys stay");
+                }
+                None => {}
+            }
             let previous = self.state.engine().map(|e| e.model.version.clone()).unwrap_or_default();
             tracing::info!(previous_version = %previous, "reloading the model");
             match self.load_and_warm_up(generation).await {

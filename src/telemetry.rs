@@ -88,6 +88,7 @@ pub struct Metrics {
     ready: Gauge,
     model: Family<ModelLabels, Gauge>,
     reloads: Family<ReloadLabels, Counter>,
+    key_reloads: Family<ReloadLabels, Counter>,
     unauthenticated: Counter,
 }
 
@@ -150,6 +151,8 @@ impl Metrics {
         registry.register("model_info", "The served model (value 1)", model.clone());
         let reloads = Family::<ReloadLabels, Counter>::default();
         registry.register("model_reloads", "Model reloads (SIGHUP) by result: ok, or failed (the previous model kept serving)", reloads.clone());
+        let key_reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register("api_key_reloads", "Re-reads of --api-key-file (SIGHUP) by result: ok, or failed (the previous keys kept)", key_reloads.clone());
         let unauthenticated = Counter::default();
         registry.register(
             "unauthenticated_requests",
@@ -172,6 +175,7 @@ impl Metrics {
             ready,
             model,
             reloads,
+            key_reloads,
             unauthenticated,
         }
     }
@@ -235,6 +239,11 @@ impl Metrics {
     /// Counts a model reload that succeeded (`ok`) or failed.
     pub fn reloaded(&self, ok: bool) {
         self.reloads.get_or_create(&ReloadLabels { result: if ok { "ok" } else { "failed" } }).inc();
+    }
+
+    /// Counts a re-read of the API key file that succeeded (`ok`) or failed.
+    pub fn api_keys_reloaded(&self, ok: bool) {
+        self.key_reloads.get_or_create(&ReloadLabels { result: if ok { "ok" } else { "failed" } }).inc();
     }
 
     pub fn refused_unauthenticated(&self) {

@@ -279,7 +279,8 @@ async fn tls_and_mutual_tls() {
 }
 
 /// With `--api-key-file`, the classifier RPCs answer only calls carrying a listed key;
-/// health and reflection stay open for probes and tools, and refusals are counted.
+/// health and reflection stay open for probes and tools, and refusals are counted. A reload
+/// (SIGHUP) reads the file again, keeping the current keys if it is not valid.
 #[tokio::test]
 async fn api_keys_guard_the_classifier_rpcs() {
     use dealsift::client::{classifier, ClientAuth};
@@ -292,8 +293,10 @@ async fn api_keys_guard_the_classifier_rpcs() {
         path
     };
     let server_keys = key_file("server", &format!("# rotating: both accepted\n{old}\n{new}\n"));
+    let reload = Arc::new(tokio::sync::Notify::new());
     let mut config = config();
     config.api_keys = Some(dealsift::auth::ApiKeys::from_file(&server_keys).unwrap());
+    config.reload = Some(reload.clone());
     let load = loader(&config, plain);
     let server = TestServer::start(config, load).await;
     server.wait_serving().await;
@@ -330,6 +333,20 @@ async fn api_keys_guard_the_classifier_rpcs() {
             "dealsift_requests_total{rpc=\"Classify\",code=\"OK\"} 2",
         ])
         .await;
+
+    // Rotation: the old key leaves the file, and a reload drops it.
+    let client_with = |key: &str| ClientAuth { api_key_file: Some(key_file("client", &format!("{key}\n"))), ..Default::default() };
+    key_file("server", &format!("{new}\n"));
+    reload.notify_one();
+    eventually("the key file is read again", || async { server.scrape().await.2.lines().any(|l| l == "dealsift_api_key_reloads_total{result=\"ok\"} 1") }).await;
+    let err = classifier(&server.url(), &client_with(old)).await.unwrap().classify(request(vec![doc("a", HEADLINES[0])])).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    classifier(&server.url(), &client_with(new)).await.unwrap().classify(request(vec![doc("a", HEADLINES[0])])).await.unwrap();
+    // A file that is not valid keeps the keys in force.
+    key_file("server", "short\n");
+    reload.notify_one();
+    eventually("the bad key file is counted", || async { server.scrape().await.2.lines().any(|l| l == "dealsift_api_key_reloads_total{result=\"failed\"} 1") }).await;
+    classifier(&server.url(), &client_with(new)).await.unwrap().classify(request(vec![doc("a", HEADLINES[0])])).await.unwrap();
     server.stop().await.unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }
