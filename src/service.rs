@@ -1,11 +1,12 @@
 //! The `dealsift.v1.DealClassifier` gRPC service: validation, deadlines, status codes.
 
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
-use tonic::metadata::MetadataMap;
+use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::engine::{Admission, Doc, Engine, EngineError, Options};
@@ -95,6 +96,31 @@ impl DealService {
     pub fn new(state: Arc<State>) -> Self {
         Self { state }
     }
+}
+
+/// Metadata naming a request: the caller's, echoed, or one the server made.
+const REQUEST_ID: &str = "x-request-id";
+
+/// The caller's `x-request-id` if it is 1 to 128 printable ASCII characters, else a new one
+/// (a random prefix per process, then a counter). It names the request in the server's logs.
+fn request_id(metadata: &MetadataMap) -> Arc<str> {
+    let given = metadata.get(REQUEST_ID).and_then(|v| v.to_str().ok());
+    if let Some(id) = given.filter(|id| (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic())) {
+        return id.into();
+    }
+    static PREFIX: OnceLock<u32> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    format!("{:08x}-{}", PREFIX.get_or_init(rand::random), NEXT.fetch_add(1, Ordering::Relaxed)).into()
+}
+
+/// Sends the request's id back in the response (or error) metadata.
+fn tag<T>(answer: &mut Result<Response<T>, Status>, request_id: &str) {
+    let Ok(value) = MetadataValue::try_from(request_id) else { return };
+    let metadata = match answer {
+        Ok(response) => response.metadata_mut(),
+        Err(status) => status.metadata_mut(),
+    };
+    metadata.insert(REQUEST_ID, value);
 }
 
 /// Margin by which our own deadline precedes the client's: tonic cancels the call at the
@@ -232,9 +258,11 @@ impl DealService {
 #[tonic::async_trait]
 impl DealClassifier for DealService {
     async fn classify(&self, request: Request<ClassifyRequest>) -> Result<Response<ClassifyResponse>, Status> {
-        let call = self.state.metrics.start_request(Rpc::Classify);
-        let answer = self.answer_classify(request).await;
-        call.finish(answer.as_ref().map(|r| r.get_ref().results.as_slice()).map_err(Status::code));
+        let request_id = request_id(request.metadata());
+        let call = self.state.metrics.start_request(Rpc::Classify, request_id.clone());
+        let mut answer = self.answer_classify(request).await;
+        call.finish(answer.as_ref().map(|r| r.get_ref().results.as_slice()));
+        tag(&mut answer, &request_id);
         answer
     }
 
@@ -242,11 +270,15 @@ impl DealClassifier for DealService {
 
     async fn classify_stream(&self, request: Request<Streaming<ClassifyStreamRequest>>) -> Result<Response<ResultStream>, Status> {
         let deadline = deadline(request.metadata(), Instant::now());
+        let request_id = request_id(request.metadata());
         if let Err(status) = self.state.ready() {
             // Refused before any message is read: counted as one request.
-            self.state.metrics.start_request(Rpc::ClassifyStream).finish(Err(status.code()));
-            return Err(status);
+            self.state.metrics.start_request(Rpc::ClassifyStream, request_id.clone()).finish(Err(&status));
+            let mut refused = Err(status);
+            tag::<ResultStream>(&mut refused, &request_id);
+            return refused;
         }
+        let stream_id = request_id.clone();
         let state = self.state.clone();
         let in_flight = state.limits.max_stream_in_flight.max(1);
         // `buffered` answers in request order and stops pulling requests when `in_flight`
@@ -254,10 +286,10 @@ impl DealClassifier for DealService {
         let out = request
             .into_inner()
             .map(move |item| {
-                let state = state.clone();
+                let (state, request_id) = (state.clone(), stream_id.clone());
                 async move {
                     let msg = item?;
-                    let call = state.metrics.start_request(Rpc::ClassifyStream);
+                    let call = state.metrics.start_request(Rpc::ClassifyStream, request_id);
                     let id = msg.document.as_ref().map(|d| d.id.clone()).unwrap_or_default();
                     // Each message goes to the engine served when it is read: a long-lived
                     // stream moves to a reloaded model with its next message.
@@ -266,7 +298,7 @@ impl DealClassifier for DealService {
                         Ok(engine) => classify_item(msg, engine, &state.limits, deadline).await,
                         Err(status) => Err(status.clone()),
                     };
-                    call.finish(answer.as_ref().map(std::slice::from_ref).map_err(Status::code));
+                    call.finish(answer.as_ref().map(std::slice::from_ref));
                     let outcome = match answer {
                         Ok(result) => Outcome::Result(result),
                         Err(status) => Outcome::Error(ItemError { code: status.code() as i32, message: status.message().to_string() }),
@@ -279,7 +311,9 @@ impl DealClassifier for DealService {
                 }
             })
             .buffered(in_flight);
-        Ok(Response::new(Box::pin(out)))
+        let mut answer = Ok(Response::new(Box::pin(out) as ResultStream));
+        tag(&mut answer, &request_id);
+        answer
     }
 
     async fn get_model_info(&self, _request: Request<GetModelInfoRequest>) -> Result<Response<ModelInfo>, Status> {

@@ -15,7 +15,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 use tokio::net::TcpListener;
-use tonic::Code;
+use tonic::{Code, Status};
 
 use crate::proto::{DocumentResult, Label};
 
@@ -181,8 +181,8 @@ impl Metrics {
     }
 
     /// Starts timing a request; see [`Request`].
-    pub fn start_request(&self, rpc: Rpc) -> Request<'_> {
-        Request { metrics: self, rpc, started: Instant::now(), finished: false }
+    pub fn start_request(&self, rpc: Rpc, request_id: Arc<str>) -> Request<'_> {
+        Request { metrics: self, rpc, request_id, started: Instant::now(), finished: false }
     }
 
     /// Records an answered request: its status and duration, and on success each
@@ -273,13 +273,26 @@ impl Metrics {
 pub struct Request<'a> {
     metrics: &'a Metrics,
     rpc: Rpc,
+    request_id: Arc<str>,
     started: Instant,
     finished: bool,
 }
 
 impl Request<'_> {
-    pub fn finish(mut self, outcome: Result<&[DocumentResult], Code>) {
-        self.metrics.observe_request(self.rpc, outcome, self.started.elapsed());
+    /// Records the answer (`Err`: the status sent instead) and logs it under the request's id:
+    /// failures of the server's own making at `warn`, everything else at `debug`. Texts are
+    /// never logged.
+    pub fn finish(mut self, outcome: Result<&[DocumentResult], &Status>) {
+        let elapsed = self.started.elapsed();
+        self.metrics.observe_request(self.rpc, outcome.map_err(Status::code), elapsed);
+        let (rpc, request_id, elapsed_ms) = (self.rpc.name(), &*self.request_id, elapsed.as_secs_f64() * 1e3);
+        match outcome {
+            Ok(docs) => tracing::debug!(rpc, request_id, documents = docs.len(), elapsed_ms, "answered"),
+            Err(status) if matches!(status.code(), Code::Internal | Code::Unavailable | Code::Unknown | Code::DataLoss) => {
+                tracing::warn!(rpc, request_id, code = code_name(status.code()), reason = status.message(), elapsed_ms, "request failed")
+            }
+            Err(status) => tracing::debug!(rpc, request_id, code = code_name(status.code()), reason = status.message(), elapsed_ms, "request refused"),
+        }
         self.finished = true;
     }
 }
@@ -287,7 +300,9 @@ impl Request<'_> {
 impl Drop for Request<'_> {
     fn drop(&mut self) {
         if !self.finished {
-            self.metrics.observe_request(self.rpc, Err(Code::Cancelled), self.started.elapsed());
+            let elapsed = self.started.elapsed();
+            self.metrics.observe_request(self.rpc, Err(Code::Cancelled), elapsed);
+            tracing::debug!(rpc = self.rpc.name(), request_id = &*self.request_id, elapsed_ms = elapsed.as_secs_f64() * 1e3, "cancelled by the client");
         }
     }
 }
@@ -367,8 +382,8 @@ mod tests {
         let metrics = Metrics::new();
         let docs = [result(Label::Deal, 20, false), result(Label::NonDeal, 300, true)];
         metrics.observe_request(Rpc::Classify, Ok(&docs), Duration::from_millis(40));
-        metrics.start_request(Rpc::ClassifyStream).finish(Err(Code::InvalidArgument));
-        drop(metrics.start_request(Rpc::Classify));
+        metrics.start_request(Rpc::ClassifyStream, "r1".into()).finish(Err(&Status::invalid_argument("bad")));
+        drop(metrics.start_request(Rpc::Classify, "r2".into()));
         metrics.observe_batch(2, 256);
         let queued = metrics.queued();
         let text = metrics.encode();

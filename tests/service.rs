@@ -387,6 +387,41 @@ async fn keepalive_closes_a_connection_whose_peer_stopped_answering() {
     server.stop().await.unwrap();
 }
 
+/// `x-request-id` names a request in the server's logs and comes back in the response's
+/// metadata, errors included; a call without one (or with an unusable one) gets a fresh id.
+#[tokio::test]
+async fn responses_carry_the_request_id() {
+    let server = TestServer::ready().await;
+    let mut client = server.client().await;
+    let with_id = |mut req: dealsift::proto::ClassifyRequest, id: &str| {
+        let mut req = tonic::Request::new(std::mem::take(&mut req));
+        req.metadata_mut().insert("x-request-id", id.parse().unwrap());
+        req
+    };
+    let id_of = |metadata: &tonic::metadata::MetadataMap| metadata.get("x-request-id").map(|v| v.to_str().unwrap().to_string());
+
+    let answer = client.classify(with_id(request(vec![doc("a", HEADLINES[0])]), "trace-42")).await.unwrap();
+    assert_eq!(id_of(answer.metadata()).as_deref(), Some("trace-42"));
+    let err = client.classify(with_id(request(vec![]), "trace-43")).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(id_of(err.metadata()).as_deref(), Some("trace-43"));
+    let mut stream_request = tonic::Request::new(futures::stream::iter([ClassifyStreamRequest { document: Some(doc("s", HEADLINES[0])), options: None }]));
+    stream_request.metadata_mut().insert("x-request-id", "trace-44".parse().unwrap());
+    let answer = client.classify_stream(stream_request).await.unwrap();
+    assert_eq!(id_of(answer.metadata()).as_deref(), Some("trace-44"));
+
+    let made: Vec<String> = futures::future::join_all((0..2).map(|_| {
+        let mut client = client.clone();
+        async move { id_of(client.classify(request(vec![doc("a", HEADLINES[0])])).await.unwrap().metadata()).expect("an id is made") }
+    }))
+    .await;
+    assert_ne!(made[0], made[1], "each call gets its own id");
+    let too_long = "x".repeat(200);
+    let answer = client.classify(with_id(request(vec![doc("a", HEADLINES[0])]), &too_long)).await.unwrap();
+    assert_ne!(id_of(answer.metadata()).as_deref(), Some(too_long.as_str()), "an id over 128 characters is replaced");
+    server.stop().await.unwrap();
+}
+
 fn with_options(threshold: Option<f32>, long_text: i32) -> dealsift::proto::ClassifyRequest {
     let mut req = request(vec![doc("a", HEADLINES[0])]);
     req.options = Some(ClassifyOptions { threshold, long_text });
