@@ -437,6 +437,10 @@ struct ServeArgs {
     /// Largest gRPC message, in bytes.
     #[arg(long, env = "DEALSIFT_MAX_MESSAGE_BYTES", default_value_t = 32 << 20)]
     max_message_bytes: usize,
+    /// Calls in progress at once on one HTTP/2 connection (SETTINGS_MAX_CONCURRENT_STREAMS);
+    /// a client's further calls wait on its side until one ends.
+    #[arg(long, env = "DEALSIFT_MAX_CONCURRENT_STREAMS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    max_concurrent_streams: u32,
     /// Seconds without traffic on a connection before an HTTP/2 ping (keeps idle streams alive
     /// through load balancers, finds vanished clients); below the balancer's idle timeout; 0: off.
     #[arg(long, env = "DEALSIFT_KEEPALIVE_INTERVAL_S", default_value_t = 30)]
@@ -625,6 +629,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         batcher: batcher.clone(),
         limits,
         max_message_bytes: args.max_message_bytes,
+        max_concurrent_streams: args.max_concurrent_streams,
         keepalive: (args.keepalive_interval_s > 0)
             .then(|| server::Keepalive { interval: Duration::from_secs(args.keepalive_interval_s), timeout: Duration::from_secs(args.keepalive_timeout_s) }),
         tls,

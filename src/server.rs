@@ -35,6 +35,8 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// Largest request message accepted, in bytes.
     pub max_message_bytes: usize,
+    /// Calls in progress at once on one HTTP/2 connection.
+    pub max_concurrent_streams: u32,
     /// HTTP/2 pings on every connection; `None`: none.
     pub keepalive: Option<Keepalive>,
     /// TLS on the gRPC port (see [`tls_config`]); `None` serves plaintext.
@@ -185,6 +187,7 @@ where
     L: Fn(EngineHooks) -> Result<Engine, ModelError> + Send + Sync + 'static,
 {
     let mut server = Server::builder()
+        .max_concurrent_streams(config.max_concurrent_streams)
         .http2_keepalive_interval(config.keepalive.map(|k| k.interval))
         .http2_keepalive_timeout(config.keepalive.map(|k| k.timeout));
     if let Some(tls) = config.tls.clone() {

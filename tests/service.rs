@@ -353,11 +353,13 @@ async fn api_keys_guard_the_classifier_rpcs() {
 
 /// With keepalive on, the server pings each connection and closes one whose peer never
 /// answers: here a raw HTTP/2 peer that sends its preface and settings, then stays silent.
+/// The server's first SETTINGS frame announces the limit on concurrent calls.
 #[tokio::test]
-async fn keepalive_closes_a_connection_whose_peer_stopped_answering() {
+async fn keepalive_and_stream_limit_reach_the_http2_peer() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut config = config();
     config.keepalive = Some(dealsift::server::Keepalive { interval: Duration::from_millis(200), timeout: Duration::from_millis(200) });
+    config.max_concurrent_streams = 7;
     let load = loader(&config, plain);
     let server = TestServer::start(config, load).await;
     let mut conn = tokio::net::TcpStream::connect(server.addr).await.unwrap();
@@ -377,13 +379,20 @@ async fn keepalive_closes_a_connection_whose_peer_stopped_answering() {
     .await;
     assert!(closed.is_ok(), "the server kept a connection whose peer never answered its pings");
     // Walk the frames the server sent: 9-byte headers, a 24-bit length and a type.
-    let (mut at, mut types) = (0, Vec::new());
+    let (mut at, mut types, mut settings) = (0, Vec::new(), Vec::new());
     while at + 9 <= received.len() {
         let length = u32::from_be_bytes([0, received[at], received[at + 1], received[at + 2]]) as usize;
         types.push(received[at + 3]);
+        if received[at + 3] == 4 && settings.is_empty() {
+            // SETTINGS: 6-byte entries, a 16-bit identifier and a 32-bit value.
+            for entry in received[at + 9..(at + 9 + length).min(received.len())].chunks_exact(6) {
+                settings.push((u16::from_be_bytes([entry[0], entry[1]]), u32::from_be_bytes([entry[2], entry[3], entry[4], entry[5]])));
+            }
+        }
         at += 9 + length;
     }
     assert!(types.contains(&6), "a PING frame (type 6) was sent: {types:?}");
+    assert!(settings.contains(&(3, 7)), "SETTINGS_MAX_CONCURRENT_STREAMS (3) = 7 in {settings:?}");
     server.stop().await.unwrap();
 }
 

@@ -66,6 +66,7 @@ pub fn config() -> ServerConfig {
             default_long_text: LongText::Truncate,
         },
         max_message_bytes: 4 << 20,
+        max_concurrent_streams: 1024,
         keepalive: None,
         tls: None,
         reload: None,
