@@ -37,6 +37,12 @@ impl std::fmt::Debug for ApiKeys {
     }
 }
 
+/// The keys of a key file, with their line numbers (from 1): lines trimmed, blank ones and
+/// `#` comments skipped. The server reads every key; a client sends the first.
+pub fn key_lines(text: &str) -> impl Iterator<Item = (usize, &str)> {
+    text.lines().map(str::trim).enumerate().filter(|(_, l)| !l.is_empty() && !l.starts_with('#')).map(|(n, l)| (n + 1, l))
+}
+
 fn digest(key: &[u8]) -> [u8; 32] {
     Sha256::digest(key).into()
 }
@@ -52,15 +58,11 @@ impl ApiKeys {
 
     pub fn parse(text: &str) -> Result<Self, String> {
         let mut digests = Vec::new();
-        for (n, line) in text.lines().enumerate() {
-            let key = line.trim();
-            if key.is_empty() || key.starts_with('#') {
-                continue;
-            }
+        for (n, key) in key_lines(text) {
             if key.len() < MIN_KEY_LENGTH || !key.bytes().all(|b| b.is_ascii_graphic()) {
                 return Err(format!(
                     "line {}: a key is at least {MIN_KEY_LENGTH} printable ASCII characters without spaces (e.g. `openssl rand -hex 32`)",
-                    n + 1
+                    n
                 ));
             }
             digests.push(digest(key.as_bytes()));
@@ -71,12 +73,8 @@ impl ApiKeys {
         Ok(Self { digests, file: None })
     }
 
-    pub fn len(&self) -> usize {
+    pub fn count(&self) -> usize {
         self.digests.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.digests.is_empty()
     }
 
     /// `UNAUTHENTICATED` unless the call carries `authorization: Bearer <an accepted key>`.
@@ -124,7 +122,7 @@ impl KeyCheck {
     pub fn reload(&self) -> Option<Result<usize, ApiKeyError>> {
         let file = self.current()?.file.clone()?;
         Some(ApiKeys::from_file(&file).map(|keys| {
-            let count = keys.len();
+            let count = keys.count();
             *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(keys));
             count
         }))
@@ -160,7 +158,7 @@ mod tests {
     #[test]
     fn the_file_lists_keys_with_comments_and_blank_lines() {
         let keys = ApiKeys::parse(&format!("# current\n{A}\n\n  {B}  \n")).unwrap();
-        assert_eq!(keys.len(), 2);
+        assert_eq!(keys.count(), 2);
         for key in [A, B] {
             keys.check(&with_header(&format!("Bearer {key}"))).unwrap();
         }

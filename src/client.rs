@@ -105,11 +105,7 @@ impl Bearer {
     fn from_file(path: Option<&Path>) -> anyhow::Result<Self> {
         let Some(path) = path else { return Ok(Self(None)) };
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read --api-key-file {}", path.display()))?;
-        let key = text
-            .lines()
-            .map(str::trim)
-            .find(|l| !l.is_empty() && !l.starts_with('#'))
-            .with_context(|| format!("--api-key-file {}: no key in the file", path.display()))?;
+        let (_, key) = crate::auth::key_lines(&text).next().with_context(|| format!("--api-key-file {}: no key in the file", path.display()))?;
         let value = format!("Bearer {key}").parse().map_err(|_| anyhow::anyhow!("--api-key-file {}: the key is not printable ASCII", path.display()))?;
         Ok(Self(Some(value)))
     }

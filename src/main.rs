@@ -623,7 +623,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if api_keys.is_some() && tls.is_none() {
         tracing::warn!("API keys without TLS travel in clear text: add --tls-cert and --tls-key, or terminate TLS in front of the server");
     }
-    let api_key_count = api_keys.as_ref().map_or(0, |k| k.len());
+    let api_key_count = api_keys.as_ref().map_or(0, |k| k.count());
     let reload = Arc::new(tokio::sync::Notify::new());
     let config = ServerConfig {
         batcher: batcher.clone(),

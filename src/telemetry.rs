@@ -64,6 +64,12 @@ struct ReloadLabels {
     result: &'static str,
 }
 
+impl ReloadLabels {
+    fn of(ok: bool) -> Self {
+        Self { result: if ok { "ok" } else { "failed" } }
+    }
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModelLabels {
     model_id: String,
@@ -238,12 +244,12 @@ impl Metrics {
 
     /// Counts a model reload that succeeded (`ok`) or failed.
     pub fn reloaded(&self, ok: bool) {
-        self.reloads.get_or_create(&ReloadLabels { result: if ok { "ok" } else { "failed" } }).inc();
+        self.reloads.get_or_create(&ReloadLabels::of(ok)).inc();
     }
 
     /// Counts a re-read of the API key file that succeeded (`ok`) or failed.
     pub fn api_keys_reloaded(&self, ok: bool) {
-        self.key_reloads.get_or_create(&ReloadLabels { result: if ok { "ok" } else { "failed" } }).inc();
+        self.key_reloads.get_or_create(&ReloadLabels::of(ok)).inc();
     }
 
     pub fn refused_unauthenticated(&self) {

@@ -148,13 +148,7 @@ impl TestServer {
     }
 
     pub async fn wait_serving(&self) {
-        for _ in 0..1000 {
-            if self.health().await == ServingStatus::Serving {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("server never became SERVING");
+        eventually("the server is SERVING", || async { self.health().await == ServingStatus::Serving }).await;
     }
 
     /// `GET /metrics`: (status line, content type, body).
