@@ -3,9 +3,10 @@
 use std::{env, path::PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto = "proto/dealsift/v1/dealsift.proto";
+    // dealsift's own API, and the KServe v2 protocol served beside it.
+    let protos = ["proto/dealsift/v1/dealsift.proto", "proto/inference/open_inference.proto"];
     println!("cargo:rerun-if-changed=proto");
-    let fds = protox::compile([proto], ["proto"])?;
+    let fds = protox::compile(protos, ["proto"])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
     std::fs::write(out.join("dealsift_descriptor.bin"), prost::Message::encode_to_vec(&fds))?;
     tonic_prost_build::configure()

@@ -14,6 +14,7 @@ pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod fnv;
+pub mod kserve;
 pub mod metrics;
 pub mod model;
 pub mod proto;

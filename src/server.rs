@@ -23,7 +23,9 @@ use crate::batcher::{Batcher, BatcherConfig};
 use crate::engine::{Admission, Doc, Engine, ModelDir, Options};
 use crate::error::{BackendError, ModelError};
 use crate::model::config::Joins;
+use crate::kserve::InferenceService;
 use crate::proto::deal_classifier_server::DealClassifierServer;
+use crate::proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::service::{DealService, Limits, State};
 use crate::telemetry::{self, Metrics};
 use crate::tokenize::{LongText, TextEncoder};
@@ -227,9 +229,18 @@ where
         .send_compressed(CompressionEncoding::Deflate)
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
+    // The KServe v2 face, on the same port, with the same limits.
+    let inference = GrpcInferenceServiceServer::new(InferenceService::new(state.clone()))
+        .accept_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Deflate)
+        .send_compressed(CompressionEncoding::Gzip)
+        .send_compressed(CompressionEncoding::Deflate)
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes);
     // Keys are checked on the headers, before a request's body is read or inflated.
     let key_check = KeyCheck::new(config.api_keys.clone(), metrics.clone());
     let service = InterceptedService::new(service, key_check.clone());
+    let inference = InterceptedService::new(inference, key_check.clone());
 
     let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<ServeError>();
     // Backend failures, tagged with the number of the load whose engine reported them.
@@ -267,6 +278,7 @@ where
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(service)
+        .add_service(inference)
         // TCP_NODELAY: a response is several small writes (headers, message, trailers);
         // with Nagle's algorithm they wait for the client's delayed ACK (tens of ms).
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), stop)
@@ -382,6 +394,7 @@ where
 /// The classifier's health, under its own name and the server's ("").
 async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
     reporter.set_service_status(<DealClassifierServer<DealService> as tonic::server::NamedService>::NAME, status).await;
+    reporter.set_service_status(<GrpcInferenceServiceServer<InferenceService> as tonic::server::NamedService>::NAME, status).await;
     reporter.set_service_status("", status).await;
 }
 

@@ -65,6 +65,10 @@ impl State {
         self.read().engine.clone()
     }
 
+    pub(crate) fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
     /// Records a backend failure of load number `generation`. Returns false, and records
     /// nothing, when that engine is no longer the one served (it failed after a reload).
     pub fn set_failed(&self, generation: u64, err: BackendError) -> bool {
@@ -76,7 +80,7 @@ impl State {
         true
     }
 
-    fn ready(&self) -> Result<Arc<Engine>, Status> {
+    pub(crate) fn ready(&self) -> Result<Arc<Engine>, Status> {
         let current = self.read();
         if let Some(err) = &current.failure {
             return Err(Status::unavailable(format!(
@@ -103,7 +107,7 @@ const REQUEST_ID: &str = "x-request-id";
 
 /// The caller's `x-request-id` if it is 1 to 128 printable ASCII characters, else a new one
 /// (a random prefix per process, then a counter). It names the request in the server's logs.
-fn request_id(metadata: &MetadataMap) -> Arc<str> {
+pub(crate) fn request_id(metadata: &MetadataMap) -> Arc<str> {
     let given = metadata.get(REQUEST_ID).and_then(|v| v.to_str().ok());
     if let Some(id) = given.filter(|id| (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic())) {
         return id.into();
@@ -114,7 +118,7 @@ fn request_id(metadata: &MetadataMap) -> Arc<str> {
 }
 
 /// Sends the request's id back in the response (or error) metadata.
-fn tag<T>(answer: &mut Result<Response<T>, Status>, request_id: &str) {
+pub(crate) fn tag<T>(answer: &mut Result<Response<T>, Status>, request_id: &str) {
     let Ok(value) = MetadataValue::try_from(request_id) else { return };
     let metadata = match answer {
         Ok(response) => response.metadata_mut(),
@@ -132,7 +136,7 @@ fn deadline_margin(timeout: Duration) -> Duration {
 }
 
 /// The call's deadline from the `grpc-timeout` header, less the margin.
-fn deadline(metadata: &MetadataMap, start: Instant) -> Option<Instant> {
+pub(crate) fn deadline(metadata: &MetadataMap, start: Instant) -> Option<Instant> {
     let timeout = parse_grpc_timeout(metadata.get("grpc-timeout")?.to_str().ok()?)?;
     Some(start + timeout.saturating_sub(deadline_margin(timeout)))
 }
@@ -187,7 +191,7 @@ impl From<LongText> for proto::LongText {
     }
 }
 
-fn document(raw: proto::Document, field: &str, limits: &Limits) -> Result<Doc, Status> {
+pub(crate) fn document(raw: proto::Document, field: &str, limits: &Limits) -> Result<Doc, Status> {
     if raw.text.trim().is_empty() {
         return Err(Status::invalid_argument(format!("{field}.text is empty or whitespace; send the news text to classify")));
     }

@@ -22,11 +22,13 @@ use crate::proto::{DocumentResult, Label};
 /// The media type of the OpenMetrics text format, which Prometheus negotiates.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Which RPC a request came by: a `Classify` call, or one message of a `ClassifyStream` call.
+/// Which RPC a request came by: a `Classify` call, one message of a `ClassifyStream` call, or
+/// a KServe v2 `ModelInfer` call.
 #[derive(Debug, Clone, Copy)]
 pub enum Rpc {
     Classify,
     ClassifyStream,
+    ModelInfer,
 }
 
 impl Rpc {
@@ -34,6 +36,7 @@ impl Rpc {
         match self {
             Rpc::Classify => "Classify",
             Rpc::ClassifyStream => "ClassifyStream",
+            Rpc::ModelInfer => "ModelInfer",
         }
     }
 }
@@ -113,7 +116,7 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("dealsift");
         let requests = Family::<RequestLabels, Counter>::default();
-        registry.register("requests", "Answered requests (Classify calls, ClassifyStream messages) by gRPC status code", requests.clone());
+        registry.register("requests", "Answered requests (Classify calls, ClassifyStream messages, ModelInfer calls) by gRPC status code", requests.clone());
         let request_duration = Family::<RpcLabels, Histogram>::new_with_constructor(seconds_histogram as fn() -> Histogram);
         registry.register_with_unit("request_duration", "Time from receiving a request to its answer", Unit::Seconds, request_duration.clone());
         let documents = Family::<DocumentLabels, Counter>::default();

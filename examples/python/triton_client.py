@@ -1,0 +1,41 @@
+"""Classify texts with NVIDIA's Triton client (KServe v2 over gRPC), no dealsift stubs needed.
+
+    pip install "tritonclient[grpc]" numpy
+    python3 examples/python/triton_client.py --url 127.0.0.1:50051 "Google agrees to buy Wiz for $32 billion"
+"""
+import argparse
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default="127.0.0.1:50051", help="dealsift's gRPC address (host:port)")
+    parser.add_argument("--api-key-file", help="file whose first key line is sent as `authorization: Bearer <key>`")
+    parser.add_argument("--model", default="dealsift-minilm-l6", help="the served model's id (GetModelInfo, or the server's log)")
+    parser.add_argument("--top", type=int, default=0, help="ask for the top K labels (the classification extension) instead of the scores")
+    parser.add_argument("texts", nargs="+")
+    args = parser.parse_args()
+
+    headers = {}
+    if args.api_key_file:
+        key = next(line.strip() for line in open(args.api_key_file) if line.strip() and not line.startswith("#"))
+        headers["authorization"] = f"Bearer {key}"
+    client = grpcclient.InferenceServerClient(url=args.url)
+    if not client.is_model_ready(args.model, headers=headers):
+        raise SystemExit(f"model {args.model} is not ready yet")
+
+    texts = np.array([t.encode() for t in args.texts], dtype=np.object_).reshape(-1, 1)
+    text = grpcclient.InferInput("TEXT", list(texts.shape), "BYTES")
+    text.set_data_from_numpy(texts)
+    outputs = [grpcclient.InferRequestedOutput("LABEL"), grpcclient.InferRequestedOutput("PROBABILITIES", class_count=args.top)]
+    result = client.infer(args.model, [text], outputs=outputs, headers=headers)
+    for t, label, scores in zip(args.texts, result.as_numpy("LABEL").reshape(-1), result.as_numpy("PROBABILITIES")):
+        # Without --top: every label's probability; with it: "score:index:label" strings, best first.
+        shown = " ".join(s.decode() for s in scores) if args.top else f"deal={scores[1]:.3f}"
+        print(f"{label.decode():9} {shown}  {t}")
+
+
+if __name__ == "__main__":
+    main()
