@@ -1,18 +1,22 @@
-//! API keys for the classifier RPCs: a caller sends `authorization: Bearer <key>`, and the
-//! server accepts any key listed in `--api-key-file`. Health and reflection stay open, so
-//! probes and tooling need no key. Only SHA-256 digests of the keys are kept, and a presented
+//! API keys for the classifier RPCs (dealsift's and the KServe v2 face's): a caller sends
+//! `authorization: Bearer <key>`, and the server accepts any key listed in `--api-key-file`.
+//! Health, reflection and the v2 liveness and readiness calls stay open, so probes and tooling
+//! need no key. Only SHA-256 digests of the keys are kept, and a presented
 //! key is compared with every one in constant time: neither its length nor how much of it
 //! matched shows in the timing. Keys never reach logs or error messages.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
 
+use futures::future::{Either, Ready};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use tonic::codegen::http;
 use tonic::metadata::MetadataMap;
-use tonic::service::Interceptor;
 use tonic::Status;
 
+use crate::proto::{deal_classifier_server, inference::grpc_inference_service_server};
 use crate::telemetry::Metrics;
 
 /// Shorter keys are refused at start: a key is a secret, not a password to remember.
@@ -99,9 +103,10 @@ impl ApiKeys {
     }
 }
 
-/// The classifier service's gate: with keys, a call without an accepted one is refused with
-/// `UNAUTHENTICATED` (and counted) from its headers alone; without keys, every call passes.
-/// Its clones share the keys, which [`KeyCheck::reload`] replaces while serving.
+/// The server's gate, a layer over every service: with keys, a call to a guarded RPC
+/// ([`needs_key`]) without an accepted key is refused with `UNAUTHENTICATED` (and counted) from
+/// its headers alone, before its body is read; without keys, every call passes. Its clones share
+/// the keys, which [`KeyCheck::reload`] replaces while serving.
 #[derive(Clone)]
 pub struct KeyCheck {
     keys: Arc<RwLock<Option<Arc<ApiKeys>>>>,
@@ -129,15 +134,53 @@ impl KeyCheck {
     }
 }
 
-impl Interceptor for KeyCheck {
-    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
-        if let Some(keys) = self.current() {
-            if let Err(status) = keys.check(request.metadata()) {
-                self.metrics.refused_unauthenticated();
-                return Err(status);
+/// Whether a call to `path` (`/package.Service/Method`) needs a key: every classifier RPC,
+/// dealsift's and the v2 face's (unknown v2 methods too), but not the v2 probes, health or
+/// reflection.
+fn needs_key(path: &str) -> bool {
+    const OPEN_V2_PROBES: [&str; 3] = ["ServerLive", "ServerReady", "ModelReady"];
+    match path.strip_prefix('/').and_then(|p| p.split_once('/')) {
+        Some((deal_classifier_server::SERVICE_NAME, _)) => true,
+        Some((grpc_inference_service_server::SERVICE_NAME, method)) => !OPEN_V2_PROBES.contains(&method),
+        _ => false,
+    }
+}
+
+impl<S> tower_layer::Layer<S> for KeyCheck {
+    type Service = Guarded<S>;
+
+    fn layer(&self, inner: S) -> Guarded<S> {
+        Guarded { inner, check: self.clone() }
+    }
+}
+
+/// A service behind [`KeyCheck`].
+#[derive(Clone)]
+pub struct Guarded<S> {
+    inner: S,
+    check: KeyCheck,
+}
+
+impl<S, B> tower_service::Service<http::Request<B>> for Guarded<S>
+where
+    S: tower_service::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Either<S::Future, Ready<Result<S::Response, S::Error>>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if let Some(keys) = self.check.current().filter(|_| needs_key(request.uri().path())) {
+            if let Err(status) = keys.check(&MetadataMap::from_headers(request.headers().clone())) {
+                self.check.metrics.refused_unauthenticated();
+                return Either::Right(futures::future::ready(Ok(status.into_http())));
             }
         }
-        Ok(request)
+        Either::Left(self.inner.call(request))
     }
 }
 
@@ -172,6 +215,16 @@ mod tests {
         assert!(ApiKeys::parse(&format!("{A}\nwith a space in it 12345\n")).unwrap_err().starts_with("line 2"));
         assert!(ApiKeys::parse("0123456789abcdéf0123\n").unwrap_err().contains("printable ASCII"));
         assert!(ApiKeys::parse("# only a comment\n\n").unwrap_err().contains("no key"));
+    }
+
+    #[test]
+    fn classifier_rpcs_need_a_key_and_probes_do_not() {
+        for path in ["/dealsift.v1.DealClassifier/Classify", "/inference.GRPCInferenceService/ModelInfer", "/inference.GRPCInferenceService/ModelStreamInfer"] {
+            assert!(needs_key(path), "{path}");
+        }
+        for path in ["/inference.GRPCInferenceService/ServerReady", "/grpc.health.v1.Health/Check", "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", "/"] {
+            assert!(!needs_key(path), "{path}");
+        }
     }
 
     #[test]

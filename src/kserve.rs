@@ -11,15 +11,16 @@ use std::time::{Duration, Instant};
 
 use tonic::{Request, Response, Status};
 
-use crate::engine::{Admission, Engine, Options};
+use crate::engine::{Admission, Doc, Engine, Options};
 use crate::proto::inference::{
-    grpc_inference_service_server::GrpcInferenceService, infer_parameter::ParameterChoice, model_infer_response::InferOutputTensor,
+    grpc_inference_service_server::GrpcInferenceService, infer_parameter::ParameterChoice, model_infer_request::InferInputTensor,
+    model_infer_response::InferOutputTensor,
     model_metadata_response::TensorMetadata, InferParameter, ModelInferRequest, ModelInferResponse, ModelMetadataRequest,
     ModelMetadataResponse, ModelReadyRequest, ModelReadyResponse, ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest,
     ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse,
 };
 use crate::proto::{self, DocumentResult, Label};
-use crate::service::{deadline, document, request_id, tag, Limits, State};
+use crate::service::{deadline, request_id, tag, Limits, State};
 use crate::telemetry::Rpc;
 use crate::tokenize::LongText;
 
@@ -30,7 +31,9 @@ pub const PROBABILITIES: &str = "PROBABILITIES";
 /// Output: the label each text gets at the threshold, BYTES, shaped as `TEXT`.
 pub const LABEL: &str = "LABEL";
 /// Request parameters understood (anything else is refused, so a misspelling is not ignored).
-const PARAMETERS: &str = "threshold (double), long_text (string: truncate, chunk-max or chunk-mean), timeout (int64 microseconds)";
+const PARAMETERS: &str = "threshold (a number in [0, 1]), long_text (string: truncate, chunk-max or chunk-mean), timeout (int64 microseconds; 0: none)";
+/// What `ModelInfer` waits for while the model loads.
+const READY: &str = "ServerReady (or ModelReady) to say true";
 
 #[derive(Clone)]
 pub struct InferenceService {
@@ -44,24 +47,22 @@ impl InferenceService {
 
     /// The served engine, whatever its health (metadata stays readable while it is failed).
     fn loaded(&self) -> Result<Arc<Engine>, Status> {
-        self.state.engine().ok_or_else(|| Status::unavailable("model is still loading; wait for ServerReady and retry"))
+        self.state.engine().ok_or_else(|| Status::unavailable(format!("model is still loading; wait for {READY} and retry")))
     }
 
     async fn answer_infer(&self, request: Request<ModelInferRequest>) -> Result<(ModelInferResponse, Vec<DocumentResult>), Status> {
-        let grpc_deadline = deadline(request.metadata(), Instant::now());
-        let engine = self.state.ready()?;
+        let arrived = Instant::now();
+        let grpc_deadline = deadline(request.metadata(), arrived);
+        let engine = self.state.ready_or_wait_for(READY)?;
         let limits = self.state.limits();
-        let req = request.into_inner();
+        let mut req = request.into_inner();
         check_model(&engine, &req.model_name, &req.model_version)?;
         let params = Parameters::parse(&req.parameters, &engine, limits)?;
         let outputs = requested_outputs(&req, engine.model.labels.len())?;
-        let (texts, batch_shape) = texts(&req, limits)?;
-        let docs = texts
-            .into_iter()
-            .enumerate()
-            .map(|(i, text)| document(proto::Document { id: i.to_string(), title: None, text }, &format!("{TEXT}[{i}]"), limits))
-            .collect::<Result<Vec<_>, _>>()?;
-        let deadline = match (grpc_deadline, params.timeout.map(|t| Instant::now() + t)) {
+        let (docs, batch_shape) = documents(std::mem::take(&mut req.inputs), std::mem::take(&mut req.raw_input_contents), limits)?;
+        // Triton's `timeout` counts from the request's arrival, as the gRPC deadline does.
+        let timeout = params.timeout.and_then(|t| arrived.checked_add(t));
+        let deadline = match (grpc_deadline, timeout) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
@@ -79,10 +80,15 @@ impl InferenceService {
     }
 }
 
-/// Refuses a name or version other than the served model's (an empty version means "served").
+/// Whether `name` and `version` are the served model's (an empty version means "the served one").
+fn is_served(engine: &Engine, name: &str, version: &str) -> bool {
+    name == engine.model.model_id && (version.is_empty() || version == engine.model.version)
+}
+
+/// `NOT_FOUND` for a name or version other than the served model's, naming the one served.
 fn check_model(engine: &Engine, name: &str, version: &str) -> Result<(), Status> {
     let model = &engine.model;
-    if name != model.model_id || !(version.is_empty() || version == model.version) {
+    if !is_served(engine, name, version) {
         let asked = if version.is_empty() { format!("'{name}'") } else { format!("'{name}' version '{version}'") };
         return Err(Status::not_found(format!(
             "model {asked} is not served here; this server serves '{}' version '{}'",
@@ -102,22 +108,27 @@ impl Parameters {
         let mut out = Parameters { options: Options { threshold: engine.model.threshold, long_text: limits.default_long_text }, timeout: None };
         for (name, value) in raw {
             let value = value.parameter_choice.as_ref();
-            let bad = || Status::invalid_argument(format!("parameter {name} is {}; the parameters understood are {PARAMETERS}", describe(value)));
+            let bad = |wanted: &str| Status::invalid_argument(format!("parameter {name} is {}; it must be {wanted}", describe(value)));
             match name.as_str() {
-                "threshold" => match value {
-                    Some(&ParameterChoice::DoubleParam(t)) if (0.0..=1.0).contains(&t) => out.options.threshold = t as f32,
-                    _ => return Err(bad()),
-                },
+                "threshold" => {
+                    out.options.threshold = match value {
+                        Some(&ParameterChoice::DoubleParam(t)) if (0.0..=1.0).contains(&t) => t as f32,
+                        // A client may send 0 or 1 as an integer.
+                        Some(&ParameterChoice::Int64Param(t @ (0 | 1))) => t as f32,
+                        _ => return Err(bad("a number in [0, 1]")),
+                    }
+                }
                 "long_text" => {
                     out.options.long_text = match value {
                         Some(ParameterChoice::StringParam(mode)) => long_text(mode),
                         _ => None,
                     }
-                    .ok_or_else(bad)?
+                    .ok_or_else(|| bad("a string: truncate, chunk-max or chunk-mean"))?
                 }
                 "timeout" => match value {
+                    Some(&ParameterChoice::Int64Param(0)) => out.timeout = None,
                     Some(&ParameterChoice::Int64Param(us)) if us > 0 => out.timeout = Some(Duration::from_micros(us as u64)),
-                    _ => return Err(bad()),
+                    _ => return Err(bad("an int64 of microseconds (0: none)")),
                 },
                 _ => return Err(Status::invalid_argument(format!("unknown parameter {name:?}; the parameters understood are {PARAMETERS}"))),
             }
@@ -173,10 +184,16 @@ fn requested_outputs(req: &ModelInferRequest, labels: usize) -> Result<Vec<Outpu
         let mut classification = None;
         for (name, value) in &o.parameters {
             match (name.as_str(), value.parameter_choice.as_ref()) {
-                ("classification", Some(&ParameterChoice::Int64Param(k))) if (1..=labels as i64).contains(&k) => classification = Some(k as usize),
+                // As Triton: a k above the number of labels returns them all.
+                ("classification", Some(&ParameterChoice::Int64Param(k))) if k >= 1 && o.name == PROBABILITIES => {
+                    classification = Some((k as usize).min(labels))
+                }
+                ("classification", _) if o.name != PROBABILITIES => {
+                    return Err(Status::invalid_argument(format!("output {}: classification applies to {PROBABILITIES} only", o.name)))
+                }
                 ("classification", value) => {
                     return Err(Status::invalid_argument(format!(
-                        "output {} parameter classification is {}; it must be an int64 from 1 to {labels} (the labels to return)",
+                        "output {} parameter classification is {}; it must be an int64 of at least 1 (the labels to return)",
                         o.name,
                         describe(value)
                     )))
@@ -238,15 +255,21 @@ fn bytes_tensor<S: AsRef<str>>(elements: impl Iterator<Item = S>) -> Vec<u8> {
     raw
 }
 
-/// The texts of the request's one input tensor, and its shape (`[N]` or `[N, 1]`).
-fn texts(req: &ModelInferRequest, limits: &Limits) -> Result<(Vec<String>, Vec<i64>), Status> {
+/// The documents of the request's one input tensor, and its shape (`[N]` or `[N, 1]`).
+fn documents(mut inputs: Vec<InferInputTensor>, raw: Vec<Vec<u8>>, limits: &Limits) -> Result<(Vec<Doc>, Vec<i64>), Status> {
     const EXPECTED: &str = "one input, TEXT: BYTES, shape [N] or [N, 1]";
-    let [input] = req.inputs.as_slice() else {
-        let names: Vec<&str> = req.inputs.iter().map(|i| i.name.as_str()).collect();
+    if inputs.len() != 1 {
+        let names: Vec<&str> = inputs.iter().map(|i| i.name.as_str()).collect();
         return Err(Status::invalid_argument(format!("{} inputs {names:?}; this model takes {EXPECTED}", names.len())));
-    };
+    }
+    let input = inputs.remove(0);
     if input.name != TEXT || input.datatype != "BYTES" {
         return Err(Status::invalid_argument(format!("input {:?} is {}; this model takes {EXPECTED}", input.name, input.datatype)));
+    }
+    if let Some(name) = input.parameters.keys().next() {
+        return Err(Status::invalid_argument(format!(
+            "input TEXT parameter {name:?} is not supported (shared memory is not served): send the texts in the request"
+        )));
     }
     let n = match input.shape.as_slice() {
         &[n] | &[n, 1] if n >= 0 => n as usize,
@@ -261,33 +284,48 @@ fn texts(req: &ModelInferRequest, limits: &Limits) -> Result<(Vec<String>, Vec<i
             limits.max_documents_per_request
         )));
     }
-    let elements: Vec<Vec<u8>> = match (req.raw_input_contents.as_slice(), &input.contents) {
-        ([], Some(contents)) => contents.bytes_contents.clone(),
+    let elements: Vec<Vec<u8>> = match (raw.as_slice(), input.contents) {
+        ([], Some(contents)) => contents.bytes_contents,
         ([], None) => return Err(Status::invalid_argument("input TEXT has no contents: set its contents.bytes_contents or raw_input_contents")),
-        ([raw], None) => split_raw(raw)?,
+        ([raw], None) => split_raw(raw, n)?.into_iter().map(<[u8]>::to_vec).collect(),
         ([_], Some(_)) => return Err(Status::invalid_argument("input TEXT has both contents and raw_input_contents; send one")),
         (raw, _) => return Err(Status::invalid_argument(format!("{} raw_input_contents for 1 input; send one", raw.len()))),
     };
     if elements.len() != n {
         return Err(Status::invalid_argument(format!("input TEXT has shape {:?} ({n} texts) but {} elements", input.shape, elements.len())));
     }
-    let texts = elements
-        .into_iter()
-        .enumerate()
-        .map(|(i, e)| String::from_utf8(e).map_err(|e| Status::invalid_argument(format!("{TEXT}[{i}] is not UTF-8: {e}"))))
-        .collect::<Result<_, _>>()?;
-    Ok((texts, input.shape.clone()))
+    let docs = elements.into_iter().enumerate().map(|(i, e)| text_document(i, e, limits)).collect::<Result<_, _>>()?;
+    Ok((docs, input.shape))
 }
 
-/// Splits a raw BYTES tensor into its elements (each a 4-byte little-endian length, then the bytes).
-fn split_raw(mut raw: &[u8]) -> Result<Vec<Vec<u8>>, Status> {
-    let mut elements = Vec::new();
+/// Element `i` of TEXT as a document, if it is UTF-8 text within the size limit.
+fn text_document(i: usize, element: Vec<u8>, limits: &Limits) -> Result<Doc, Status> {
+    let text = String::from_utf8(element).map_err(|e| Status::invalid_argument(format!("{TEXT}[{i}] is not UTF-8: {}", e.utf8_error())))?;
+    if text.trim().is_empty() {
+        return Err(Status::invalid_argument(format!("{TEXT}[{i}] is empty or whitespace; send the news text to classify")));
+    }
+    if text.len() > limits.max_document_bytes {
+        return Err(Status::invalid_argument(format!(
+            "{TEXT}[{i}] is {} bytes; the limit is {} bytes (server flag --max-document-bytes): send the lede or split the text",
+            text.len(),
+            limits.max_document_bytes
+        )));
+    }
+    Ok(Doc { id: i.to_string(), title: None, text })
+}
+
+/// Splits a raw BYTES tensor into its elements (each a 4-byte little-endian length, then the
+/// bytes), refusing it as soon as it holds more than the `n` its shape promised.
+fn split_raw(mut raw: &[u8], n: usize) -> Result<Vec<&[u8]>, Status> {
+    let mut elements = Vec::with_capacity(n);
     while !raw.is_empty() {
+        if elements.len() == n {
+            return Err(Status::invalid_argument(format!("raw_input_contents[0] holds more than the {n} elements of TEXT's shape")));
+        }
         let cut = |what: &str| Status::invalid_argument(format!("raw_input_contents[0] ends inside element {}'s {what}", elements.len()));
         let (len, rest) = raw.split_first_chunk::<4>().ok_or_else(|| cut("length"))?;
-        let len = u32::from_le_bytes(*len) as usize;
-        let (element, rest) = rest.split_at_checked(len).ok_or_else(|| cut("bytes"))?;
-        elements.push(element.to_vec());
+        let (element, rest) = rest.split_at_checked(u32::from_le_bytes(*len) as usize).ok_or_else(|| cut("bytes"))?;
+        elements.push(element);
         raw = rest;
     }
     Ok(elements)
@@ -300,14 +338,14 @@ impl GrpcInferenceService for InferenceService {
     }
 
     async fn server_ready(&self, _request: Request<ServerReadyRequest>) -> Result<Response<ServerReadyResponse>, Status> {
-        Ok(Response::new(ServerReadyResponse { ready: self.state.ready().is_ok() }))
+        Ok(Response::new(ServerReadyResponse { ready: self.state.ready_or_wait_for(READY).is_ok() }))
     }
 
     async fn model_ready(&self, request: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
-        let Some(engine) = self.state.engine() else { return Ok(Response::new(ModelReadyResponse { ready: false })) };
+        // As Triton: a model not served is not ready (not an error).
         let req = request.into_inner();
-        check_model(&engine, &req.name, &req.version)?;
-        Ok(Response::new(ModelReadyResponse { ready: self.state.ready().is_ok() }))
+        let served = self.state.engine().is_some_and(|engine| is_served(&engine, &req.name, &req.version));
+        Ok(Response::new(ModelReadyResponse { ready: served && self.state.ready_or_wait_for(READY).is_ok() }))
     }
 
     async fn server_metadata(&self, _request: Request<ServerMetadataRequest>) -> Result<Response<ServerMetadataResponse>, Status> {
@@ -348,11 +386,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn raw_bytes_tensors_round_trip_and_truncation_is_named() {
+    fn raw_bytes_tensors_round_trip_and_bad_ones_are_named() {
         let raw = bytes_tensor(["Acme buys Widget", "", "é"].iter());
-        assert_eq!(split_raw(&raw).unwrap(), vec![b"Acme buys Widget".to_vec(), Vec::new(), "é".as_bytes().to_vec()]);
-        assert!(split_raw(&raw[..2]).unwrap_err().message().contains("element 0's length"));
-        assert!(split_raw(&raw[..10]).unwrap_err().message().contains("element 0's bytes"));
-        assert!(split_raw(&[]).unwrap().is_empty());
+        assert_eq!(split_raw(&raw, 3).unwrap(), [b"Acme buys Widget".as_slice(), b"", "é".as_bytes()]);
+        assert!(split_raw(&raw[..2], 3).unwrap_err().message().contains("element 0's length"));
+        assert!(split_raw(&raw[..10], 3).unwrap_err().message().contains("element 0's bytes"));
+        assert!(split_raw(&raw, 2).unwrap_err().message().contains("more than the 2 elements"), "stops at the shape's count");
+        assert!(split_raw(&[], 1).unwrap().is_empty());
     }
 }

@@ -9,7 +9,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tonic::codec::CompressionEncoding;
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::server::HealthReporter;
@@ -239,8 +238,6 @@ where
         .max_encoding_message_size(config.max_message_bytes);
     // Keys are checked on the headers, before a request's body is read or inflated.
     let key_check = KeyCheck::new(config.api_keys.clone(), metrics.clone());
-    let service = InterceptedService::new(service, key_check.clone());
-    let inference = InterceptedService::new(inference, key_check.clone());
 
     let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<ServeError>();
     // Backend failures, tagged with the number of the load whose engine reported them.
@@ -248,7 +245,7 @@ where
     // Held while the served engine and what health and metrics say of it change together, so
     // a failure and a reload finishing at the same moment cannot leave them disagreeing.
     let transition = Arc::new(tokio::sync::Mutex::new(()));
-    let lifecycle = Lifecycle { load: Arc::new(load), key_check, state: state.clone(), reporter: reporter.clone(), fatal_tx, transition: transition.clone() };
+    let lifecycle = Lifecycle { load: Arc::new(load), key_check: key_check.clone(), state: state.clone(), reporter: reporter.clone(), fatal_tx, transition: transition.clone() };
     let models = tokio::spawn(lifecycle.run(failed_tx, config.reload.clone()));
 
     let fatal_state = state.clone();
@@ -274,6 +271,7 @@ where
         }
     };
     server
+        .layer(key_check.clone())
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

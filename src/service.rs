@@ -80,14 +80,20 @@ impl State {
         true
     }
 
-    pub(crate) fn ready(&self) -> Result<Arc<Engine>, Status> {
+    fn ready(&self) -> Result<Arc<Engine>, Status> {
+        self.ready_or_wait_for("grpc.health.v1 SERVING")
+    }
+
+    /// The engine, if it can serve; else `UNAVAILABLE`, saying why and (while loading) to wait
+    /// for `signal`.
+    pub(crate) fn ready_or_wait_for(&self, signal: &str) -> Result<Arc<Engine>, Status> {
         let current = self.read();
         if let Some(err) = &current.failure {
             return Err(Status::unavailable(format!(
                 "backend failed and is not serving: {err}; the server needs a restart or a model reload (SIGHUP)"
             )));
         }
-        current.engine.clone().ok_or_else(|| Status::unavailable("model is still loading; wait for grpc.health.v1 SERVING and retry"))
+        current.engine.clone().ok_or_else(|| Status::unavailable(format!("model is still loading; wait for {signal} and retry")))
     }
 }
 
@@ -191,7 +197,7 @@ impl From<LongText> for proto::LongText {
     }
 }
 
-pub(crate) fn document(raw: proto::Document, field: &str, limits: &Limits) -> Result<Doc, Status> {
+fn document(raw: proto::Document, field: &str, limits: &Limits) -> Result<Doc, Status> {
     if raw.text.trim().is_empty() {
         return Err(Status::invalid_argument(format!("{field}.text is empty or whitespace; send the news text to classify")));
     }

@@ -348,7 +348,6 @@ fn code_name(code: Code) -> &'static str {
     }
 }
 
-/// Serves `GET /metrics` until `shutdown` resolves.
 /// Serves `GET /metrics` and `GET /health` until `shutdown` resolves. `/health` answers 200
 /// `SERVING` or 503 `NOT_SERVING` as grpc.health does, for probes and load balancers that
 /// speak HTTP only (Kubernetes' gRPC probes cannot reach a TLS gRPC port).

@@ -164,7 +164,7 @@ async fn reflection_lists_the_services() {
     let first = responses.message().await.unwrap().unwrap();
     let Some(MessageResponse::ListServicesResponse(list)) = first.message_response else { panic!("unexpected reply") };
     let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
-    for wanted in ["dealsift.v1.DealClassifier", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"] {
+    for wanted in ["dealsift.v1.DealClassifier", "inference.GRPCInferenceService", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"] {
         assert!(names.iter().any(|n| n == wanted), "{wanted} missing from {names:?}");
     }
     server.stop().await.unwrap();

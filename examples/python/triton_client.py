@@ -24,16 +24,22 @@ def main():
         headers["authorization"] = f"Bearer {key}"
     client = grpcclient.InferenceServerClient(url=args.url)
     if not client.is_model_ready(args.model, headers=headers):
-        raise SystemExit(f"model {args.model} is not ready yet")
+        raise SystemExit(f"model {args.model} is not served, or not ready yet (the served id is in GetModelInfo and the server log)")
 
     texts = np.array([t.encode() for t in args.texts], dtype=np.object_).reshape(-1, 1)
     text = grpcclient.InferInput("TEXT", list(texts.shape), "BYTES")
     text.set_data_from_numpy(texts)
-    outputs = [grpcclient.InferRequestedOutput("LABEL"), grpcclient.InferRequestedOutput("PROBABILITIES", class_count=args.top)]
+    # "score:index:label" strings, best first: every label (a count above the labels returns
+    # them all), so the deal score is found by its label's name, not its position.
+    outputs = [grpcclient.InferRequestedOutput("LABEL"), grpcclient.InferRequestedOutput("PROBABILITIES", class_count=args.top or 1000)]
     result = client.infer(args.model, [text], outputs=outputs, headers=headers)
-    for t, label, scores in zip(args.texts, result.as_numpy("LABEL").reshape(-1), result.as_numpy("PROBABILITIES")):
-        # Without --top: every label's probability; with it: "score:index:label" strings, best first.
-        shown = " ".join(s.decode() for s in scores) if args.top else f"deal={scores[1]:.3f}"
+    for t, label, ranked in zip(args.texts, result.as_numpy("LABEL").reshape(-1), result.as_numpy("PROBABILITIES")):
+        ranked = [r.decode() for r in ranked]
+        if args.top:
+            shown = " ".join(ranked)
+        else:
+            deal = next(float(r.split(":")[0]) for r in ranked if r.split(":", 2)[2] == "deal")
+            shown = f"deal={deal:.3f}"
         print(f"{label.decode():9} {shown}  {t}")
 
 
