@@ -20,7 +20,7 @@ use crate::proto::inference::{
     ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse,
 };
 use crate::proto::{self, DocumentResult, Label};
-use crate::service::{deadline, request_id, tag, Limits, State};
+use crate::service::{call_id, deadline, tag, Limits, State};
 use crate::telemetry::Rpc;
 use crate::tokenize::LongText;
 
@@ -371,12 +371,12 @@ impl GrpcInferenceService for InferenceService {
     }
 
     async fn model_infer(&self, request: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
-        let request_id = request_id(request.metadata());
-        let call = self.state.metrics.start_request(Rpc::ModelInfer, request_id.clone());
+        let id = call_id(request.metadata());
+        let call = self.state.metrics.start_request(Rpc::ModelInfer, id.clone());
         let answer = self.answer_infer(request).await;
         call.finish(answer.as_ref().map(|(_, results)| results.as_slice()));
         let mut answer = answer.map(|(response, _)| Response::new(response));
-        tag(&mut answer, &request_id);
+        tag(&mut answer, &id.request);
         answer
     }
 }

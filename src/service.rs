@@ -16,7 +16,7 @@ use crate::proto::{
     self, classify_stream_response::Outcome, deal_classifier_server::DealClassifier, ClassifyRequest, ClassifyResponse,
     ClassifyStreamRequest, ClassifyStreamResponse, GetModelInfoRequest, ItemError, ModelInfo,
 };
-use crate::telemetry::{Metrics, Rpc};
+use crate::telemetry::{CallId, Metrics, Rpc};
 use crate::tokenize::LongText;
 
 /// Per-request limits, all configurable (see `dealsift serve --help`).
@@ -111,9 +111,35 @@ impl DealService {
 /// Metadata naming a request: the caller's, echoed, or one the server made.
 const REQUEST_ID: &str = "x-request-id";
 
+/// The call's names for the logs: its request id and its W3C trace id, if any.
+pub(crate) fn call_id(metadata: &MetadataMap) -> CallId {
+    CallId { request: request_id(metadata), trace: trace_id(metadata) }
+}
+
+/// The trace id of a valid W3C `traceparent` header (`version-traceid-parentid-flags`, lower-case
+/// hex; version `ff` and all-zero ids are invalid). Anything else is ignored, as the W3C
+/// recommendation says a receiver should.
+fn trace_id(metadata: &MetadataMap) -> Option<Arc<str>> {
+    let value = metadata.get("traceparent")?.to_str().ok()?;
+    let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let nonzero = |s: &str| s.bytes().any(|b| b != b'0');
+    let mut fields = value.trim().split('-');
+    let (version, trace, parent, flags) = (fields.next()?, fields.next()?, fields.next()?, fields.next()?);
+    // Version 00 has exactly four fields; later versions may append more.
+    let valid = hex(version, 2)
+        && version != "ff"
+        && (version != "00" || fields.next().is_none())
+        && hex(trace, 32)
+        && nonzero(trace)
+        && hex(parent, 16)
+        && nonzero(parent)
+        && hex(flags, 2);
+    valid.then(|| trace.into())
+}
+
 /// The caller's `x-request-id` if it is 1 to 128 printable ASCII characters, else a new one
 /// (a random prefix per process, then a counter). It names the request in the server's logs.
-pub(crate) fn request_id(metadata: &MetadataMap) -> Arc<str> {
+fn request_id(metadata: &MetadataMap) -> Arc<str> {
     let given = metadata.get(REQUEST_ID).and_then(|v| v.to_str().ok());
     if let Some(id) = given.filter(|id| (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic())) {
         return id.into();
@@ -268,11 +294,11 @@ impl DealService {
 #[tonic::async_trait]
 impl DealClassifier for DealService {
     async fn classify(&self, request: Request<ClassifyRequest>) -> Result<Response<ClassifyResponse>, Status> {
-        let request_id = request_id(request.metadata());
-        let call = self.state.metrics.start_request(Rpc::Classify, request_id.clone());
+        let id = call_id(request.metadata());
+        let call = self.state.metrics.start_request(Rpc::Classify, id.clone());
         let mut answer = self.answer_classify(request).await;
         call.finish(answer.as_ref().map(|r| r.get_ref().results.as_slice()));
-        tag(&mut answer, &request_id);
+        tag(&mut answer, &id.request);
         answer
     }
 
@@ -280,15 +306,15 @@ impl DealClassifier for DealService {
 
     async fn classify_stream(&self, request: Request<Streaming<ClassifyStreamRequest>>) -> Result<Response<ResultStream>, Status> {
         let deadline = deadline(request.metadata(), Instant::now());
-        let request_id = request_id(request.metadata());
+        let call_id = call_id(request.metadata());
         if let Err(status) = self.state.ready() {
             // Refused before any message is read: counted as one request.
-            self.state.metrics.start_request(Rpc::ClassifyStream, request_id.clone()).finish(Err(&status));
+            self.state.metrics.start_request(Rpc::ClassifyStream, call_id.clone()).finish(Err(&status));
             let mut refused = Err(status);
-            tag::<ResultStream>(&mut refused, &request_id);
+            tag::<ResultStream>(&mut refused, &call_id.request);
             return refused;
         }
-        let stream_id = request_id.clone();
+        let stream_id = call_id.clone();
         let state = self.state.clone();
         let in_flight = state.limits.max_stream_in_flight.max(1);
         // `buffered` answers in request order and stops pulling requests when `in_flight`
@@ -296,10 +322,10 @@ impl DealClassifier for DealService {
         let out = request
             .into_inner()
             .map(move |item| {
-                let (state, request_id) = (state.clone(), stream_id.clone());
+                let (state, call_id) = (state.clone(), stream_id.clone());
                 async move {
                     let msg = item?;
-                    let call = state.metrics.start_request(Rpc::ClassifyStream, request_id);
+                    let call = state.metrics.start_request(Rpc::ClassifyStream, call_id);
                     let id = msg.document.as_ref().map(|d| d.id.clone()).unwrap_or_default();
                     // Each message goes to the engine served when it is read: a long-lived
                     // stream moves to a reloaded model with its next message.
@@ -322,7 +348,7 @@ impl DealClassifier for DealService {
             })
             .buffered(in_flight);
         let mut answer = Ok(Response::new(Box::pin(out) as ResultStream));
-        tag(&mut answer, &request_id);
+        tag(&mut answer, &call_id.request);
         answer
     }
 
@@ -387,6 +413,30 @@ mod tests {
         assert_eq!(parse_grpc_timeout("m"), None);
         assert_eq!(parse_grpc_timeout("123456789S"), None);
         assert_eq!(parse_grpc_timeout("10x"), None);
+    }
+
+    #[test]
+    fn trace_ids_come_from_valid_traceparent_headers_only() {
+        let trace = |value: &str| {
+            let mut metadata = MetadataMap::new();
+            metadata.insert("traceparent", value.parse().unwrap());
+            trace_id(&metadata).map(|t| t.to_string())
+        };
+        let id = "4bf92f3577b34da6a3ce929d0e0e4736";
+        assert_eq!(trace(&format!("00-{id}-00f067aa0ba902b7-01")).as_deref(), Some(id));
+        assert_eq!(trace(&format!("01-{id}-00f067aa0ba902b7-01-later")).as_deref(), Some(id), "a later version may add fields");
+        for bad in [
+            format!("00-{id}-00f067aa0ba902b7-01-extra"),
+            format!("ff-{id}-00f067aa0ba902b7-01"),
+            format!("00-{}-00f067aa0ba902b7-01", "0".repeat(32)),
+            format!("00-{id}-0000000000000000-01"),
+            format!("00-{}-00f067aa0ba902b7-01", id.to_uppercase()),
+            format!("00-{id}-00f067aa0ba902b7"),
+            "garbage".to_string(),
+        ] {
+            assert_eq!(trace(&bad), None, "{bad}");
+        }
+        assert!(trace_id(&MetadataMap::new()).is_none());
     }
 
     #[test]

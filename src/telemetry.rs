@@ -190,8 +190,8 @@ impl Metrics {
     }
 
     /// Starts timing a request; see [`Request`].
-    pub fn start_request(&self, rpc: Rpc, request_id: Arc<str>) -> Request<'_> {
-        Request { metrics: self, rpc, request_id, started: Instant::now(), finished: false }
+    pub fn start_request(&self, rpc: Rpc, id: CallId) -> Request<'_> {
+        Request { metrics: self, rpc, id, started: Instant::now(), finished: false }
     }
 
     /// Records an answered request: its status and duration, and on success each
@@ -277,12 +277,21 @@ impl Metrics {
     }
 }
 
+/// What names a call in the logs: its request id (`x-request-id`, the caller's or one made
+/// here) and, when the caller sent W3C trace context (`traceparent`), its trace id, so the
+/// server's log lines join the caller's distributed trace.
+#[derive(Debug, Clone)]
+pub struct CallId {
+    pub request: Arc<str>,
+    pub trace: Option<Arc<str>>,
+}
+
 /// A request being answered. `finish` records its outcome; a request dropped before that
 /// (its client cancelled or went away, and tonic dropped the handler) counts as `CANCELLED`.
 pub struct Request<'a> {
     metrics: &'a Metrics,
     rpc: Rpc,
-    request_id: Arc<str>,
+    id: CallId,
     started: Instant,
     finished: bool,
 }
@@ -294,13 +303,15 @@ impl Request<'_> {
     pub fn finish(mut self, outcome: Result<&[DocumentResult], &Status>) {
         let elapsed = self.started.elapsed();
         self.metrics.observe_request(self.rpc, outcome.map_err(Status::code), elapsed);
-        let (rpc, request_id, elapsed_ms) = (self.rpc.name(), &*self.request_id, elapsed.as_secs_f64() * 1e3);
+        let (rpc, request_id, trace_id, elapsed_ms) = (self.rpc.name(), &*self.id.request, self.id.trace.as_deref(), elapsed.as_secs_f64() * 1e3);
         match outcome {
-            Ok(docs) => tracing::debug!(rpc, request_id, documents = docs.len(), elapsed_ms, "answered"),
+            Ok(docs) => tracing::debug!(rpc, request_id, trace_id, documents = docs.len(), elapsed_ms, "answered"),
             Err(status) if matches!(status.code(), Code::Internal | Code::Unavailable | Code::Unknown | Code::DataLoss) => {
-                tracing::warn!(rpc, request_id, code = code_name(status.code()), reason = status.message(), elapsed_ms, "request failed")
+                tracing::warn!(rpc, request_id, trace_id, code = code_name(status.code()), reason = status.message(), elapsed_ms, "request failed")
             }
-            Err(status) => tracing::debug!(rpc, request_id, code = code_name(status.code()), reason = status.message(), elapsed_ms, "request refused"),
+            Err(status) => {
+                tracing::debug!(rpc, request_id, trace_id, code = code_name(status.code()), reason = status.message(), elapsed_ms, "request refused")
+            }
         }
         self.finished = true;
     }
@@ -311,7 +322,13 @@ impl Drop for Request<'_> {
         if !self.finished {
             let elapsed = self.started.elapsed();
             self.metrics.observe_request(self.rpc, Err(Code::Cancelled), elapsed);
-            tracing::debug!(rpc = self.rpc.name(), request_id = &*self.request_id, elapsed_ms = elapsed.as_secs_f64() * 1e3, "cancelled by the client");
+            tracing::debug!(
+                rpc = self.rpc.name(),
+                request_id = &*self.id.request,
+                trace_id = self.id.trace.as_deref(),
+                elapsed_ms = elapsed.as_secs_f64() * 1e3,
+                "cancelled by the client"
+            );
         }
     }
 }
@@ -390,8 +407,8 @@ mod tests {
         let metrics = Metrics::new();
         let docs = [result(Label::Deal, 20, false), result(Label::NonDeal, 300, true)];
         metrics.observe_request(Rpc::Classify, Ok(&docs), Duration::from_millis(40));
-        metrics.start_request(Rpc::ClassifyStream, "r1".into()).finish(Err(&Status::invalid_argument("bad")));
-        drop(metrics.start_request(Rpc::Classify, "r2".into()));
+        metrics.start_request(Rpc::ClassifyStream, CallId { request: "r1".into(), trace: None }).finish(Err(&Status::invalid_argument("bad")));
+        drop(metrics.start_request(Rpc::Classify, CallId { request: "r2".into(), trace: Some("t2".into()) }));
         metrics.observe_batch(2, 256);
         let queued = metrics.queued();
         let text = metrics.encode();
