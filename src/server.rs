@@ -172,6 +172,21 @@ pub fn start_engine(
     Ok(Engine::new(model, encoder, batcher, max_chunks))
 }
 
+/// A generated service that accepts compressed requests, compresses responses for clients that
+/// ask, and holds messages to `max_bytes` both ways. (A macro: the generated servers share
+/// these methods but no trait.)
+macro_rules! with_transport_settings {
+    ($service:expr, $max_bytes:expr) => {
+        $service
+            .accept_compressed(CompressionEncoding::Gzip)
+            .accept_compressed(CompressionEncoding::Deflate)
+            .send_compressed(CompressionEncoding::Gzip)
+            .send_compressed(CompressionEncoding::Deflate)
+            .max_decoding_message_size($max_bytes)
+            .max_encoding_message_size($max_bytes)
+    };
+}
+
 /// Serves gRPC on `listener` (and Prometheus metrics on `metrics_listener`, if given) until
 /// `shutdown` resolves (or the model fails to load), then finishes in-flight work and
 /// returns. `load` runs on a blocking thread; health says NOT_SERVING until it has returned
@@ -220,22 +235,9 @@ where
         .build_v1alpha()?;
 
     let state = Arc::new(State::new(config.limits.clone(), metrics.clone()));
-    // Compressed requests are accepted; responses are compressed for clients that ask.
-    let service = DealClassifierServer::new(DealService::new(state.clone()))
-        .accept_compressed(CompressionEncoding::Gzip)
-        .accept_compressed(CompressionEncoding::Deflate)
-        .send_compressed(CompressionEncoding::Gzip)
-        .send_compressed(CompressionEncoding::Deflate)
-        .max_decoding_message_size(config.max_message_bytes)
-        .max_encoding_message_size(config.max_message_bytes);
-    // The KServe v2 face, on the same port, with the same limits.
-    let inference = GrpcInferenceServiceServer::new(InferenceService::new(state.clone()))
-        .accept_compressed(CompressionEncoding::Gzip)
-        .accept_compressed(CompressionEncoding::Deflate)
-        .send_compressed(CompressionEncoding::Gzip)
-        .send_compressed(CompressionEncoding::Deflate)
-        .max_decoding_message_size(config.max_message_bytes)
-        .max_encoding_message_size(config.max_message_bytes);
+    // dealsift's API and the KServe v2 face, on the same port, under the same settings.
+    let service = with_transport_settings!(DealClassifierServer::new(DealService::new(state.clone())), config.max_message_bytes);
+    let inference = with_transport_settings!(GrpcInferenceServiceServer::new(InferenceService::new(state.clone())), config.max_message_bytes);
     // Keys are checked on the headers, before a request's body is read or inflated.
     let key_check = KeyCheck::new(config.api_keys.clone(), metrics.clone());
 

@@ -220,13 +220,7 @@ async fn bad_v2_requests_say_what_to_fix() {
 #[tokio::test]
 async fn while_loading_v2_says_not_ready_and_to_wait() {
     let config = config();
-    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
-    let go_rx = std::sync::Mutex::new(go_rx);
-    let inner = loader(&config, plain);
-    let gated = move |hook| {
-        go_rx.lock().unwrap().recv().unwrap();
-        inner(hook)
-    };
+    let (go_tx, gated) = gated_loader(&config);
     let server = TestServer::start(config, gated).await;
     let mut v2 = v2_client(&server).await;
     assert!(v2.server_live(ServerLiveRequest {}).await.unwrap().into_inner().live, "live while loading");

@@ -125,13 +125,7 @@ async fn stream_answers_in_request_order() {
 #[tokio::test]
 async fn health_goes_from_not_serving_to_serving() {
     let config = config();
-    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
-    let go_rx = std::sync::Mutex::new(go_rx);
-    let inner = loader(&config, plain);
-    let gated = move |hook| {
-        go_rx.lock().unwrap().recv().unwrap();
-        inner(hook)
-    };
+    let (go_tx, gated) = gated_loader(&config);
     let server = TestServer::start(config, gated).await;
     assert_eq!(server.health().await, ServingStatus::NotServing);
     let (status, _, body) = server.http_get("/health").await;

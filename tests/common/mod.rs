@@ -88,6 +88,19 @@ pub fn loader(
     }
 }
 
+/// The fixture model's loader, held until the returned sender sends, so a test can look at a
+/// server that is still loading.
+pub fn gated_loader(config: &ServerConfig) -> (std::sync::mpsc::Sender<()>, impl Fn(EngineHooks) -> Result<Engine, ModelError> + Send + Sync + 'static) {
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let go_rx = std::sync::Mutex::new(go_rx);
+    let inner = loader(config, plain);
+    let gated = move |hooks| {
+        go_rx.lock().unwrap().recv().unwrap();
+        inner(hooks)
+    };
+    (go_tx, gated)
+}
+
 pub fn plain(cpu: CpuBackend) -> Box<dyn Backend> {
     Box::new(cpu)
 }
