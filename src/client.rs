@@ -118,8 +118,16 @@ pub async fn classifier(url: &str, auth: &ClientAuth) -> anyhow::Result<Client> 
     Ok(DealClassifierClient::with_interceptor(channel, bearer).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20))
 }
 
-/// A channel to `url`: plaintext for `http://`, TLS for `https://`.
+/// A channel to `url`: plaintext for `http://` (or a bare `host:port`, as grpcurl and the Python
+/// clients take it), TLS for `https://`.
 pub async fn connect(url: &str, tls: &ClientAuth) -> anyhow::Result<Channel> {
+    let with_scheme;
+    let url = if url.contains("://") {
+        url
+    } else {
+        with_scheme = format!("http://{url}");
+        &with_scheme
+    };
     let read = |path: &Path| std::fs::read(path).with_context(|| format!("cannot read {}", path.display()));
     let mut endpoint = Endpoint::from_shared(url.to_string()).with_context(|| format!("{url} is not a server URL (http://host:port or https://host:port)"))?;
     if url.starts_with("https://") {

@@ -263,12 +263,15 @@ fn documents(mut inputs: Vec<InferInputTensor>, raw: Vec<Vec<u8>>, limits: &Limi
         return Err(Status::invalid_argument(format!("{} inputs {names:?}; this model takes {EXPECTED}", names.len())));
     }
     let input = inputs.remove(0);
-    if input.name != TEXT || input.datatype != "BYTES" {
-        return Err(Status::invalid_argument(format!("input {:?} is {}; this model takes {EXPECTED}", input.name, input.datatype)));
+    if input.name != TEXT {
+        return Err(Status::invalid_argument(format!("input {:?}: the input's name must be TEXT; this model takes {EXPECTED}", input.name)));
+    }
+    if input.datatype != "BYTES" {
+        return Err(Status::invalid_argument(format!("input TEXT is {}; this model takes {EXPECTED}", input.datatype)));
     }
     if let Some(name) = input.parameters.keys().next() {
         return Err(Status::invalid_argument(format!(
-            "input TEXT parameter {name:?} is not supported (shared memory is not served): send the texts in the request"
+            "input TEXT parameter {name:?} is not supported: inputs take no parameters (shared memory is not served); send the texts in the request"
         )));
     }
     let n = match input.shape.as_slice() {
@@ -371,7 +374,8 @@ impl GrpcInferenceService for InferenceService {
     }
 
     async fn model_infer(&self, request: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
-        let id = call_id(request.metadata());
+        // Triton's clients name a call by the request's `id`; x-request-id, when sent, wins.
+        let id = call_id(request.metadata(), Some(&request.get_ref().id));
         let call = self.state.metrics.start_request(Rpc::ModelInfer, id.clone());
         let answer = self.answer_infer(request).await;
         call.finish(answer.as_ref().map(|(_, results)| results.as_slice()));

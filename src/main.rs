@@ -518,6 +518,8 @@ fn run() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_env("DEALSIFT_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour only for a terminal: escape codes in a log file or a collector get in the way.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
         Command::Serve(args) => serve(args),

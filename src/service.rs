@@ -111,9 +111,13 @@ impl DealService {
 /// Metadata naming a request: the caller's, echoed, or one the server made.
 const REQUEST_ID: &str = "x-request-id";
 
-/// The call's names for the logs: its request id and its W3C trace id, if any.
-pub(crate) fn call_id(metadata: &MetadataMap) -> CallId {
-    CallId { request: request_id(metadata), trace: trace_id(metadata) }
+/// The call's names for the logs: its request id and its W3C trace id, if any. `fallback`
+/// names the call when it has no valid `x-request-id` (a KServe request's own `id` field);
+/// failing both, the server makes an id.
+pub(crate) fn call_id(metadata: &MetadataMap, fallback: Option<&str>) -> CallId {
+    let given = metadata.get(REQUEST_ID).and_then(|v| v.to_str().ok());
+    let request = given.and_then(valid_request_id).or_else(|| fallback.and_then(valid_request_id)).unwrap_or_else(new_request_id);
+    CallId { request, trace: trace_id(metadata) }
 }
 
 /// The trace id of a valid W3C `traceparent` header (`version-traceid-parentid-flags`, lower-case
@@ -137,13 +141,13 @@ fn trace_id(metadata: &MetadataMap) -> Option<Arc<str>> {
     valid.then(|| trace.into())
 }
 
-/// The caller's `x-request-id` if it is 1 to 128 printable ASCII characters, else a new one
-/// (a random prefix per process, then a counter). It names the request in the server's logs.
-fn request_id(metadata: &MetadataMap) -> Arc<str> {
-    let given = metadata.get(REQUEST_ID).and_then(|v| v.to_str().ok());
-    if let Some(id) = given.filter(|id| (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic())) {
-        return id.into();
-    }
+/// A caller's request id, if it is 1 to 128 printable ASCII characters (others are replaced).
+fn valid_request_id(id: &str) -> Option<Arc<str>> {
+    ((1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic())).then(|| id.into())
+}
+
+/// A request id made here: a random prefix per process, then a counter.
+fn new_request_id() -> Arc<str> {
     static PREFIX: OnceLock<u32> = OnceLock::new();
     static NEXT: AtomicU64 = AtomicU64::new(1);
     format!("{:08x}-{}", PREFIX.get_or_init(rand::random), NEXT.fetch_add(1, Ordering::Relaxed)).into()
@@ -294,7 +298,7 @@ impl DealService {
 #[tonic::async_trait]
 impl DealClassifier for DealService {
     async fn classify(&self, request: Request<ClassifyRequest>) -> Result<Response<ClassifyResponse>, Status> {
-        let id = call_id(request.metadata());
+        let id = call_id(request.metadata(), None);
         let call = self.state.metrics.start_request(Rpc::Classify, id.clone());
         let mut answer = self.answer_classify(request).await;
         call.finish(answer.as_ref().map(|r| r.get_ref().results.as_slice()));
@@ -306,7 +310,7 @@ impl DealClassifier for DealService {
 
     async fn classify_stream(&self, request: Request<Streaming<ClassifyStreamRequest>>) -> Result<Response<ResultStream>, Status> {
         let deadline = deadline(request.metadata(), Instant::now());
-        let call_id = call_id(request.metadata());
+        let call_id = call_id(request.metadata(), None);
         if let Err(status) = self.state.ready() {
             // Refused before any message is read: counted as one request.
             self.state.metrics.start_request(Rpc::ClassifyStream, call_id.clone()).finish(Err(&status));

@@ -156,8 +156,8 @@ async fn bad_v2_requests_say_what_to_fix() {
     let cases: Vec<(ModelInferRequest, Code, &str)> = vec![
         (with(&|r| r.model_name = "other".into()), Code::NotFound, "model 'other' is not served here; this server serves 'tiny-bert'"),
         (with(&|r| r.model_version = "0.0.1".into()), Code::NotFound, "'tiny-bert' version '0.0.1' is not served"),
-        (with(&|r| r.inputs[0].name = "TEXTS".into()), Code::InvalidArgument, "this model takes one input, TEXT: BYTES"),
-        (with(&|r| r.inputs[0].datatype = "FP32".into()), Code::InvalidArgument, "input \"TEXT\" is FP32"),
+        (with(&|r| r.inputs[0].name = "TEXTS".into()), Code::InvalidArgument, "input \"TEXTS\": the input's name must be TEXT"),
+        (with(&|r| r.inputs[0].datatype = "FP32".into()), Code::InvalidArgument, "input TEXT is FP32"),
         (with(&|r| r.inputs.push(r.inputs[0].clone())), Code::InvalidArgument, "2 inputs [\"TEXT\", \"TEXT\"]"),
         (with(&|r| r.inputs[0].shape = vec![1, 2]), Code::InvalidArgument, "shape [1, 2]"),
         (with(&|r| r.inputs[0].shape = vec![3, 1]), Code::InvalidArgument, "(3 texts) but 2 elements"),
@@ -173,7 +173,7 @@ async fn bad_v2_requests_say_what_to_fix() {
         (
             with(&|r| _ = r.inputs[0].parameters.insert("shared_memory_region".into(), param(ParameterChoice::StringParam("r".into())))),
             Code::InvalidArgument,
-            "\"shared_memory_region\" is not supported (shared memory is not served)",
+            "\"shared_memory_region\" is not supported: inputs take no parameters (shared memory is not served)",
         ),
         (infer_request(&too_many), Code::InvalidArgument, "65 texts in one call; the limit is 64"),
         (
@@ -210,10 +210,12 @@ async fn bad_v2_requests_say_what_to_fix() {
     let mut unhurried = infer_request(HEADLINES);
     unhurried.parameters.insert("timeout".into(), param(ParameterChoice::Int64Param(0)));
     v2.model_infer(unhurried).await.unwrap();
-    // Errors carry the request id too.
+    // Errors carry the request id too: x-request-id, else the request's own id.
     let mut call = tonic::Request::new(with(&|r| r.model_name = "other".into()));
     call.metadata_mut().insert("x-request-id", "v2-bad".parse().unwrap());
     assert_eq!(v2.model_infer(call).await.unwrap_err().metadata().get("x-request-id").unwrap(), "v2-bad");
+    let err = v2.model_infer(with(&|r| r.model_name = "other".into())).await.unwrap_err();
+    assert_eq!(err.metadata().get("x-request-id").unwrap(), "call-1");
     server.stop().await.unwrap();
 }
 

@@ -4,9 +4,11 @@
     python3 examples/python/triton_client.py --url 127.0.0.1:50051 "Google agrees to buy Wiz for $32 billion"
 """
 import argparse
+import sys
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 
 def main():
@@ -14,10 +16,19 @@ def main():
     parser.add_argument("--url", default="127.0.0.1:50051", help="dealsift's gRPC address (host:port)")
     parser.add_argument("--api-key-file", help="file whose first key line is sent as `authorization: Bearer <key>`")
     parser.add_argument("--model", default="dealsift-minilm-l6", help="the served model's id (GetModelInfo, or the server's log)")
-    parser.add_argument("--top", type=int, default=0, help="ask for the top K labels (the classification extension) instead of the scores")
+    parser.add_argument("--top", type=int, default=0, help="ask for the top K labels (the classification extension) instead of the deal probability")
     parser.add_argument("texts", nargs="+")
     args = parser.parse_args()
+    if args.top < 0:
+        parser.error("--top is a number of labels, 1 or more (0: the deal probability only)")
+    try:
+        classify(args)
+    except InferenceServerException as e:
+        print(f"RPC failed: {e.status()}: {e.message()}", file=sys.stderr)
+        sys.exit(1)
 
+
+def classify(args):
     headers = {}
     if args.api_key_file:
         key = next(line.strip() for line in open(args.api_key_file) if line.strip() and not line.startswith("#"))
