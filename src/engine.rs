@@ -133,7 +133,7 @@ pub enum Admission {
 pub enum EngineError {
     #[error(transparent)]
     QueueFull(#[from] QueueFull),
-    #[error("deadline exceeded after {0:?}; the server could not finish in time (raise the deadline or send fewer documents)")]
+    #[error("deadline exceeded after {0:?}; the server could not finish in time (raise the deadline, or ModelInfer's timeout parameter, or send fewer documents)")]
     DeadlineExceeded(Duration),
     #[error("request needs {needed} model windows but the queue holds {limit}; send fewer or shorter documents")]
     TooLarge { needed: usize, limit: usize },
