@@ -16,7 +16,7 @@ use tonic::codegen::http;
 use tonic::metadata::MetadataMap;
 use tonic::Status;
 
-use crate::proto::{deal_classifier_server, inference::grpc_inference_service_server};
+use crate::proto::inference::grpc_inference_service_server;
 use crate::telemetry::Metrics;
 
 /// Shorter keys are refused at start: a key is a secret, not a password to remember.
@@ -134,16 +134,22 @@ impl KeyCheck {
     }
 }
 
-/// Whether a call to `path` (`/package.Service/Method`) needs a key: every classifier RPC,
-/// dealsift's and the v2 face's (unknown v2 methods too), but not the v2 probes, health or
-/// reflection.
+/// Whether a call to `path` (`/package.Service/Method`) needs a key: every path but the open
+/// ones, health, reflection and the v2 probes. Deny by default, so a path the router might
+/// read differently (or a service added later) is never open by accident.
 fn needs_key(path: &str) -> bool {
+    const OPEN_SERVICES: [&str; 3] = [
+        tonic_health::pb::health_server::SERVICE_NAME,
+        tonic_reflection::pb::v1::server_reflection_server::SERVICE_NAME,
+        tonic_reflection::pb::v1alpha::server_reflection_server::SERVICE_NAME,
+    ];
     const OPEN_V2_PROBES: [&str; 3] = ["ServerLive", "ServerReady", "ModelReady"];
-    match path.strip_prefix('/').and_then(|p| p.split_once('/')) {
-        Some((deal_classifier_server::SERVICE_NAME, _)) => true,
-        Some((grpc_inference_service_server::SERVICE_NAME, method)) => !OPEN_V2_PROBES.contains(&method),
-        _ => false,
-    }
+    let open = match path.strip_prefix('/').and_then(|p| p.split_once('/')) {
+        Some((grpc_inference_service_server::SERVICE_NAME, method)) => OPEN_V2_PROBES.contains(&method),
+        Some((service, method)) => OPEN_SERVICES.contains(&service) && !method.is_empty() && !method.contains('/'),
+        None => false,
+    };
+    !open
 }
 
 impl<S> tower_layer::Layer<S> for KeyCheck {
@@ -219,10 +225,28 @@ mod tests {
 
     #[test]
     fn classifier_rpcs_need_a_key_and_probes_do_not() {
-        for path in ["/dealsift.v1.DealClassifier/Classify", "/inference.GRPCInferenceService/ModelInfer", "/inference.GRPCInferenceService/ModelStreamInfer"] {
+        for path in [
+            "/dealsift.v1.DealClassifier/Classify",
+            "/inference.GRPCInferenceService/ModelInfer",
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            "/inference.GRPCInferenceService/ServerLive/x",
+            "//dealsift.v1.DealClassifier/Classify",
+            "/grpc.health.v1.Health/Check/x",
+            "/grpc.health.v1.Health",
+            "/unknown.Service/Call",
+            "/",
+            "",
+        ] {
             assert!(needs_key(path), "{path}");
         }
-        for path in ["/inference.GRPCInferenceService/ServerReady", "/grpc.health.v1.Health/Check", "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", "/"] {
+        for path in [
+            "/inference.GRPCInferenceService/ServerReady",
+            "/inference.GRPCInferenceService/ModelReady",
+            "/grpc.health.v1.Health/Check",
+            "/grpc.health.v1.Health/Watch",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        ] {
             assert!(!needs_key(path), "{path}");
         }
     }
