@@ -17,6 +17,7 @@ use tonic::metadata::MetadataMap;
 use tonic::Status;
 
 use crate::proto::inference::grpc_inference_service_server;
+use crate::service::{call_id, tag_status};
 use crate::telemetry::Metrics;
 
 /// Shorter keys are refused at start: a key is a secret, not a password to remember.
@@ -82,8 +83,8 @@ impl ApiKeys {
     }
 
     /// `UNAUTHENTICATED` unless the call carries `authorization: Bearer <an accepted key>`.
-    pub fn check(&self, metadata: &MetadataMap) -> Result<(), Status> {
-        let header = metadata
+    pub fn check(&self, headers: &http::HeaderMap) -> Result<(), Status> {
+        let header = headers
             .get("authorization")
             .ok_or_else(|| Status::unauthenticated("missing API key: send the metadata header `authorization: Bearer <key>`"))?;
         let key = header
@@ -181,8 +182,17 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         if let Some(keys) = self.check.current().filter(|_| needs_key(request.uri().path())) {
-            if let Err(status) = keys.check(&MetadataMap::from_headers(request.headers().clone())) {
+            if let Err(mut status) = keys.check(request.headers()) {
                 self.check.metrics.refused_unauthenticated();
+                let id = call_id(&MetadataMap::from_headers(request.headers().clone()), None);
+                tracing::debug!(
+                    path = request.uri().path(),
+                    request_id = &*id.request,
+                    trace_id = id.trace.as_deref(),
+                    reason = status.message(),
+                    "refused: no accepted API key"
+                );
+                tag_status(&mut status, &id.request);
                 return Either::Right(futures::future::ready(Ok(status.into_http())));
             }
         }
@@ -198,8 +208,8 @@ mod tests {
     const A: &str = "0123456789abcdef0123";
     const B: &str = "fedcba9876543210fedc";
 
-    fn with_header(value: &str) -> MetadataMap {
-        let mut m = MetadataMap::new();
+    fn with_header(value: &str) -> http::HeaderMap {
+        let mut m = http::HeaderMap::new();
         m.insert("authorization", value.parse().unwrap());
         m
     }
@@ -255,7 +265,7 @@ mod tests {
     fn calls_without_an_accepted_key_are_unauthenticated() {
         let keys = ApiKeys::parse(A).unwrap();
         for (metadata, says) in [
-            (MetadataMap::new(), "missing API key"),
+            (http::HeaderMap::new(), "missing API key"),
             (with_header(A), "must be `Bearer <key>`"),
             (with_header(&format!("Basic {A}")), "must be `Bearer <key>`"),
             (with_header(&format!("Bearer {B}")), "not accepted"),

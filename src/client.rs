@@ -125,6 +125,11 @@ pub async fn connect(url: &str, tls: &ClientAuth) -> anyhow::Result<Channel> {
     let url = if url.contains("://") {
         url
     } else {
+        // A key must not go out in clear text because a scheme was left out.
+        anyhow::ensure!(
+            tls.api_key_file.is_none() && tls.ca.is_none() && tls.identity.is_none(),
+            "{url} has no scheme: write https://{url} (TLS), or http://{url} to send in clear text"
+        );
         with_scheme = format!("http://{url}");
         &with_scheme
     };

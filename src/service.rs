@@ -155,12 +155,21 @@ fn new_request_id() -> Arc<str> {
 
 /// Sends the request's id back in the response (or error) metadata.
 pub(crate) fn tag<T>(answer: &mut Result<Response<T>, Status>, request_id: &str) {
-    let Ok(value) = MetadataValue::try_from(request_id) else { return };
-    let metadata = match answer {
-        Ok(response) => response.metadata_mut(),
-        Err(status) => status.metadata_mut(),
-    };
-    metadata.insert(REQUEST_ID, value);
+    match answer {
+        Ok(response) => {
+            if let Ok(value) = MetadataValue::try_from(request_id) {
+                response.metadata_mut().insert(REQUEST_ID, value);
+            }
+        }
+        Err(status) => tag_status(status, request_id),
+    }
+}
+
+/// Sends the request's id back in an error's metadata.
+pub(crate) fn tag_status(status: &mut Status, request_id: &str) {
+    if let Ok(value) = MetadataValue::try_from(request_id) {
+        status.metadata_mut().insert(REQUEST_ID, value);
+    }
 }
 
 /// Margin by which our own deadline precedes the client's: tonic cancels the call at the

@@ -165,7 +165,7 @@ impl Metrics {
         let unauthenticated = Counter::default();
         registry.register(
             "unauthenticated_requests",
-            "Classifier calls refused for a missing or unaccepted API key, before their body was read",
+            "Calls refused for a missing or unaccepted API key, before their body was read: classifier RPCs, and any path that is not open (health, reflection and the v2 probes are)",
             unauthenticated.clone(),
         );
         Self {

@@ -257,8 +257,16 @@ async fn api_keys_guard_the_v2_face_too() {
     assert!(v2.server_live(ServerLiveRequest {}).await.unwrap().into_inner().live);
     assert!(v2.server_ready(ServerReadyRequest {}).await.unwrap().into_inner().ready);
     assert!(v2.model_ready(ModelReadyRequest { name: MODEL.into(), version: String::new() }).await.unwrap().into_inner().ready);
-    let err = v2.model_infer(infer_request(&HEADLINES[..1])).await.unwrap_err();
+    let mut anonymous = tonic::Request::new(infer_request(&HEADLINES[..1]));
+    anonymous.metadata_mut().insert("x-request-id", "anon-1".parse().unwrap());
+    let err = v2.model_infer(anonymous).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert_eq!(err.metadata().get("x-request-id").unwrap(), "anon-1", "a refusal names the call too");
+    // Reflection stays open for tools.
+    use tonic_reflection::pb::v1::{server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest, ServerReflectionRequest};
+    let list = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let mut reflection = ServerReflectionClient::new(server.channel().await);
+    reflection.server_reflection_info(futures::stream::iter([list])).await.unwrap().into_inner().message().await.unwrap().unwrap();
     for err in [
         v2.server_metadata(ServerMetadataRequest {}).await.unwrap_err(),
         v2.model_metadata(ModelMetadataRequest { name: MODEL.into(), version: String::new() }).await.unwrap_err(),
