@@ -56,7 +56,8 @@ struct OutputLine<'a> {
     id: &'a str,
     label: &'static str,
     deal_probability: f32,
-    scores: serde_json::Map<String, serde_json::Value>,
+    /// f32 as f32 (`0.99856746`), not widened to f64 digits.
+    scores: std::collections::BTreeMap<&'a str, f32>,
     token_count: u32,
     truncated: bool,
     chunks: u32,
@@ -67,7 +68,7 @@ fn output_line(r: &DocumentResult) -> OutputLine<'_> {
         id: &r.id,
         label: if r.label == Label::Deal as i32 { "deal" } else { "non_deal" },
         deal_probability: r.deal_probability,
-        scores: r.scores.iter().map(|s| (s.label.clone(), serde_json::json!(s.score))).collect(),
+        scores: r.scores.iter().map(|s| (s.label.as_str(), s.score)).collect(),
         token_count: r.token_count,
         truncated: r.truncated,
         chunks: r.chunks,

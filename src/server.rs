@@ -387,7 +387,7 @@ where
         self.state.metrics.set_serving(&engine.model.model_id, &engine.model.version, engine.batcher().info().name);
         set_health(&self.reporter, ServingStatus::Serving).await;
         let lexical = engine.model.lexical.as_ref().map(|(_, how)| (how.joins, how.weight));
-        tracing::info!(model = %engine.model.model_id, version = %engine.model.version, backend = engine.batcher().info().name, threshold = engine.model.threshold, ?lexical, "serving");
+        tracing::info!(model = %engine.model.model_id, version = %engine.model.version, backend = engine.batcher().info().name, threshold = %engine.model.threshold, ?lexical, "serving");
     }
 }
 

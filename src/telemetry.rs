@@ -277,6 +277,11 @@ impl Metrics {
     }
 }
 
+/// Milliseconds to the microsecond, for logs (`8.462`, not `8.462318999999999`).
+fn millis(elapsed: Duration) -> f64 {
+    elapsed.as_micros() as f64 / 1e3
+}
+
 /// What names a call in the logs: its request id (`x-request-id`, the caller's or one made
 /// here) and, when the caller sent W3C trace context (`traceparent`), its trace id, so the
 /// server's log lines join the caller's distributed trace.
@@ -303,7 +308,7 @@ impl Request<'_> {
     pub fn finish(mut self, outcome: Result<&[DocumentResult], &Status>) {
         let elapsed = self.started.elapsed();
         self.metrics.observe_request(self.rpc, outcome.map_err(Status::code), elapsed);
-        let (rpc, request_id, trace_id, elapsed_ms) = (self.rpc.name(), &*self.id.request, self.id.trace.as_deref(), elapsed.as_secs_f64() * 1e3);
+        let (rpc, request_id, trace_id, elapsed_ms) = (self.rpc.name(), &*self.id.request, self.id.trace.as_deref(), millis(elapsed));
         match outcome {
             Ok(docs) => tracing::debug!(rpc, request_id, trace_id, documents = docs.len(), elapsed_ms, "answered"),
             Err(status) if matches!(status.code(), Code::Internal | Code::Unavailable | Code::Unknown | Code::DataLoss) => {
@@ -326,7 +331,7 @@ impl Drop for Request<'_> {
                 rpc = self.rpc.name(),
                 request_id = &*self.id.request,
                 trace_id = self.id.trace.as_deref(),
-                elapsed_ms = elapsed.as_secs_f64() * 1e3,
+                elapsed_ms = millis(elapsed),
                 "cancelled by the client"
             );
         }
