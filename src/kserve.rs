@@ -398,4 +398,56 @@ mod tests {
         assert!(split_raw(&raw, 2).unwrap_err().message().contains("more than the 2 elements"), "stops at the shape's count");
         assert!(split_raw(&[], 1).unwrap().is_empty());
     }
+
+    /// Any bytes a client sends as a raw tensor, with any shape, give documents or an
+    /// INVALID_ARGUMENT, never a panic.
+    #[test]
+    fn arbitrary_raw_tensors_never_panic() {
+        use rand::{Rng, SeedableRng};
+        let limits = Limits {
+            max_documents_per_request: 8,
+            max_document_bytes: 64,
+            max_chunks_per_document: 1,
+            max_stream_in_flight: 1,
+            default_long_text: LongText::Truncate,
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(20261128);
+        let (mut accepted, mut refused) = (0, 0);
+        for _ in 0..20_000 {
+            // Well-formed elements (of random bytes, ASCII or not), then sometimes damaged.
+            let count = rng.random_range(0..10);
+            let elements: Vec<Vec<u8>> = (0..count)
+                .map(|_| {
+                    // Mostly short ASCII; now and then empty, over the byte limit, or not UTF-8.
+                    let len = if rng.random_bool(0.95) { rng.random_range(1..60) } else { rng.random_range(0..80) };
+                    (0..len).map(|_| if rng.random_bool(0.998) { rng.random_range(b'a'..=b'z') } else { rng.random() }).collect()
+                })
+                .collect();
+            let mut raw: Vec<u8> = elements.iter().flat_map(|e| (e.len() as u32).to_le_bytes().into_iter().chain(e.iter().copied())).collect();
+            match rng.random_range(0..4) {
+                0 => raw.truncate(rng.random_range(0..=raw.len())),
+                1 => raw.extend((0..rng.random_range(1..8)).map(|_| rng.random::<u8>())),
+                _ => {}
+            }
+            let n = if rng.random_bool(0.8) { count as i64 } else { rng.random_range(-2..12) };
+            let shape = match rng.random_range(0..4) {
+                0 => vec![n],
+                1 => vec![n, 1],
+                2 => vec![n, rng.random_range(0..3)],
+                _ => vec![],
+            };
+            let input = InferInputTensor { name: TEXT.into(), datatype: "BYTES".into(), shape, ..Default::default() };
+            match documents(vec![input], vec![raw], &limits) {
+                Ok((docs, shape)) => {
+                    assert_eq!(docs.len() as i64, shape[0]);
+                    accepted += 1;
+                }
+                Err(status) => {
+                    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+                    refused += 1;
+                }
+            }
+        }
+        assert!(accepted > 1000 && refused > 1000, "both outcomes exercised: {accepted} accepted, {refused} refused");
+    }
 }
