@@ -385,8 +385,8 @@ struct ServeArgs {
     /// Seconds a connection may take to finish its TLS handshake before it is closed.
     #[arg(long, env = "DEALSIFT_TLS_HANDSHAKE_TIMEOUT_S", default_value_t = 10)]
     tls_handshake_timeout_s: u64,
-    /// File of API keys, one per line: Classify, ClassifyStream and GetModelInfo then require
-    /// `authorization: Bearer <key>` (health and reflection stay open). Use it with TLS.
+    /// File of API keys, one per line: every RPC then requires `authorization: Bearer <key>`
+    /// except health, reflection and the KServe v2 probes. Use it with TLS.
     #[arg(long, env = "DEALSIFT_API_KEY_FILE")]
     api_key_file: Option<PathBuf>,
     /// Where Prometheus metrics are served (plain HTTP, GET /metrics); `off` disables them.
