@@ -14,10 +14,9 @@ use tonic::{Request, Response, Status};
 use crate::engine::{Admission, Doc, Engine, Options};
 use crate::proto::inference::{
     grpc_inference_service_server::GrpcInferenceService, infer_parameter::ParameterChoice, model_infer_request::InferInputTensor,
-    model_infer_response::InferOutputTensor,
-    model_metadata_response::TensorMetadata, InferParameter, ModelInferRequest, ModelInferResponse, ModelMetadataRequest,
-    ModelMetadataResponse, ModelReadyRequest, ModelReadyResponse, ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest,
-    ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse,
+    model_infer_response::InferOutputTensor, model_metadata_response::TensorMetadata, InferParameter, ModelInferRequest,
+    ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse, ModelReadyRequest, ModelReadyResponse, ServerLiveRequest,
+    ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse,
 };
 use crate::proto::{self, DocumentResult, Label};
 use crate::service::{call_id, deadline, tag, Limits, State};
