@@ -244,10 +244,10 @@ fn label_name<'a>(result: &'a DocumentResult, engine: &Engine) -> &'a str {
 }
 
 /// BYTES elements as the protocol's raw form: each a 4-byte little-endian length, then the bytes.
-fn bytes_tensor<S: AsRef<str>>(elements: impl Iterator<Item = S>) -> Vec<u8> {
+fn bytes_tensor<S: AsRef<[u8]>>(elements: impl Iterator<Item = S>) -> Vec<u8> {
     let mut raw = Vec::new();
     for e in elements {
-        let e = e.as_ref().as_bytes();
+        let e = e.as_ref();
         raw.extend_from_slice(&(e.len() as u32).to_le_bytes());
         raw.extend_from_slice(e);
     }
@@ -422,7 +422,7 @@ mod tests {
                     (0..len).map(|_| if rng.random_bool(0.998) { rng.random_range(b'a'..=b'z') } else { rng.random() }).collect()
                 })
                 .collect();
-            let mut raw: Vec<u8> = elements.iter().flat_map(|e| (e.len() as u32).to_le_bytes().into_iter().chain(e.iter().copied())).collect();
+            let mut raw = bytes_tensor(elements.iter());
             match rng.random_range(0..4) {
                 0 => raw.truncate(rng.random_range(0..=raw.len())),
                 1 => raw.extend((0..rng.random_range(1..8)).map(|_| rng.random::<u8>())),

@@ -391,7 +391,8 @@ where
     }
 }
 
-/// The classifier's health, under its own name and the server's ("").
+/// The classifier's health, under both services' names (dealsift's and the KServe v2 face's)
+/// and the server's ("").
 async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
     reporter.set_service_status(<DealClassifierServer<DealService> as tonic::server::NamedService>::NAME, status).await;
     reporter.set_service_status(<GrpcInferenceServiceServer<InferenceService> as tonic::server::NamedService>::NAME, status).await;
